@@ -1,0 +1,71 @@
+"""``cachecompile.optimize``: the one call a user makes."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from cachecompile.schedule import Schedule
+from passes.regions import RegionPatterns
+from runtime.cached import CachedTransformer, check_backend
+
+__all__ = ["optimize"]
+
+
+def optimize(
+    model: Any,
+    schedule: Schedule,
+    backend: str = "eager",
+    *,
+    regions: RegionPatterns | None = None,
+    calls_per_step: int = 1,
+    example_args: tuple | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    **backend_options: Any,
+) -> Any:
+    """Make ``model`` follow ``schedule``: returns a :class:`CachedTransformer` (or, for a diffusers
+    pipeline, the pipeline with its ``transformer`` swapped).
+
+    The model is captured on its first call (or now, given ``example_args``/``example_kwargs``);
+    the original model object is never modified.
+
+    Example::
+
+        import cachecompile as cc
+        schedule = cc.Schedule.fora(num_steps=50, interval=3)
+        pipe.transformer = cc.optimize(pipe.transformer, schedule)
+        image = pipe(class_labels=[207], num_inference_steps=50).images[0]
+
+    Args:
+        model: a diffusers transformer (any ``nn.Module`` that ``torch.export`` captures), or a
+            pipeline with a ``transformer`` attribute.
+        schedule: a :class:`Schedule`.
+        backend: ``"eager"``, ``"inductor"``, ``"aoti"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        regions: patterns for models without a registered family default.
+        calls_per_step: transformer calls per sampling step (2 when a pipeline runs the
+            conditional and unconditional branches of classifier-free guidance as two calls).
+        backend_options: passed to the backend (``mode="max-autotune"`` for Inductor ...).
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a cachecompile.Schedule, got {type(schedule).__name__}; build one with cc.Schedule.fora(...)")
+    if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+        raise ValueError(f"calls_per_step must be an integer >= 1, got {calls_per_step!r}")
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(model, torch.nn.Module) and isinstance(transformer, torch.nn.Module):
+        model.transformer = optimize(
+            transformer, schedule, backend, regions=regions, calls_per_step=calls_per_step,
+            example_args=example_args, example_kwargs=example_kwargs, **backend_options,
+        )
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize() takes a torch.nn.Module or a pipeline with .transformer, got {type(model).__name__}")
+    if isinstance(model, CachedTransformer):
+        raise TypeError("this model is already optimized; pass cached.model to optimize it again with another schedule")
+    check_backend(backend)
+    cached = CachedTransformer(
+        model, schedule, backend=backend, regions=regions, calls_per_step=calls_per_step, backend_options=backend_options
+    )
+    if example_args is not None or example_kwargs is not None:
+        cached.prepare(*(example_args or ()), **dict(example_kwargs or {}))
+    return cached

@@ -1,0 +1,92 @@
+"""Cache reads and writes as graph I/O.
+
+``insert_cache_writes`` appends the outputs of the regions a plan writes to the graph's output
+tuple; ``insert_cache_reads`` replaces the outputs of reused regions by new placeholders. Cache
+state is explicit graph input/output, not buffer mutation: ONNX export silently drops buffer
+writes, and explicit I/O is what TensorRT and CUDA graphs want. Dead code is removed by
+:mod:`passes.dce` afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx
+
+from cachecompile.schedule import StepPlan
+from passes import counters
+from passes.regions import RegionMap
+
+log = logging.getLogger(__name__)
+
+__all__ = ["insert_cache_reads", "insert_cache_writes", "cache_io", "add_cache_input", "add_cache_output"]
+
+
+def cache_io(gm: torch.fx.GraphModule) -> dict:
+    """The cache calling convention of a step graph: its cache input and output slot names."""
+    return gm.meta.setdefault("cachecompile", {"cache_inputs": [], "cache_outputs": [], "num_user_outputs": None})
+
+
+def _output_node(graph: torch.fx.Graph) -> torch.fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def add_cache_input(gm: torch.fx.GraphModule, slot: str, like: torch.fx.Node) -> torch.fx.Node:
+    """A new placeholder ``cache_<slot>`` after the existing ones, with ``like``'s metadata."""
+    graph = gm.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        ph = graph.placeholder("cache_" + slot.replace(".", "_").replace("#", "_"))
+    for key in ("val", "tensor_meta"):
+        if key in like.meta:
+            ph.meta[key] = like.meta[key]
+    io = cache_io(gm)
+    io["cache_inputs"].append(slot)
+    io.setdefault("placeholders", {})[slot] = ph.name
+    return ph
+
+
+def add_cache_output(gm: torch.fx.GraphModule, slot: str, value: torch.fx.Node) -> None:
+    out = _output_node(gm.graph)
+    io = cache_io(gm)
+    if io["num_user_outputs"] is None:
+        io["num_user_outputs"] = len(out.args[0])
+    out.args = (tuple(out.args[0]) + (value,),)
+    io["cache_outputs"].append(slot)
+
+
+def insert_cache_writes(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) -> torch.fx.GraphModule:
+    """Expose the outputs of every region the plan writes (and fully computes) as graph outputs."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    io = cache_io(gm)
+    if io["num_user_outputs"] is None:
+        io["num_user_outputs"] = len(_output_node(gm.graph).args[0])
+    n = 0
+    for name in sorted(plan.writes):
+        if plan.action(name).kind != "compute":
+            continue  # partial and other actions write their own merged value
+        region = regions[name]
+        for i, out in enumerate(region.outputs):
+            add_cache_output(gm, region.slot(i), nodes[out])
+            n += 1
+    counters["cache_writes"] += n
+    log.debug("inserted %d cache writes", n)
+    return gm
+
+
+def insert_cache_reads(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) -> torch.fx.GraphModule:
+    """Replace the outputs of reused regions (uses outside the region) by cache placeholders."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    n = 0
+    for name, action in plan.actions:
+        if action.kind != "reuse":
+            continue
+        region = regions[name]
+        for i, out_name in enumerate(region.outputs):
+            out = nodes[out_name]
+            ph = add_cache_input(gm, region.slot(i), out)
+            out.replace_all_uses_with(ph, delete_user_cb=lambda u: u.name not in region.nodes)
+            n += 1
+    counters["cache_reads"] += n
+    log.debug("inserted %d cache reads", n)
+    return gm

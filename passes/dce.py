@@ -1,0 +1,49 @@
+"""Dead code removal for step graphs.
+
+Export leaves ``_assert_tensor_metadata`` nodes that count as side effects and would keep the
+skipped blocks alive; attention is marked nondeterministic-seeded (dropout), so the default
+purity check (``impure_random=True``) would keep it too. We remove the asserts and treat random
+ops as pure: in eval mode their randomness is unused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx
+
+from passes import counters
+from passes.cache_io import cache_io
+
+log = logging.getLogger(__name__)
+
+__all__ = ["remove_dead_code"]
+
+
+def _is_assert(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "").startswith("_assert")
+
+
+def remove_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove asserts, dead nodes and cache placeholders that nothing reads any more."""
+    graph = gm.graph
+    before = len(graph.nodes)
+    for node in list(graph.nodes):
+        if _is_assert(node):
+            graph.erase_node(node)
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+    io = cache_io(gm)
+    keep = []
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    for slot in io["cache_inputs"]:
+        ph = placeholders[io["placeholders"][slot]]
+        if ph.users:
+            keep.append(slot)
+        else:
+            graph.erase_node(ph)
+    io["cache_inputs"] = keep
+    gm.delete_all_unused_submodules()
+    removed = before - len(graph.nodes)
+    counters["dead_nodes_removed"] += removed
+    log.debug("removed %d dead nodes", removed)
+    return gm

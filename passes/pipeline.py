@@ -1,0 +1,58 @@
+"""The ordered pass list that builds one step graph per distinct plan."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch.fx
+
+from cachecompile.schedule import StepPlan
+from passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes
+from passes.dce import remove_dead_code
+from passes.regions import RegionMap
+
+__all__ = ["STEP_PASSES", "build_step_graph", "copy_graph_module"]
+
+Pass = Callable[[torch.fx.GraphModule, RegionMap, StepPlan], torch.fx.GraphModule]
+
+# Order matters: writes must name region outputs before reads cut them off; compensation and
+# partial recompute passes slot in between (they read both), dead code removal runs last.
+STEP_PASSES: list[Pass] = [
+    insert_cache_writes,
+    insert_cache_reads,
+    lambda gm, regions, plan: remove_dead_code(gm),
+]
+
+
+def register_step_pass(fn: Pass, before: Pass | None = None) -> None:
+    """Insert a pass into :data:`STEP_PASSES` (before ``before``, default: before dead code removal)."""
+    idx = STEP_PASSES.index(before) if before is not None else len(STEP_PASSES) - 1
+    STEP_PASSES.insert(idx, fn)
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph that shares its parameters (no weight copy)."""
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    value_map: dict = {}
+    out = graph.graph_copy(gm.graph, value_map)
+    graph.output(out)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = {}
+    return new
+
+
+def build_step_graph(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) -> torch.fx.GraphModule:
+    """Run :data:`STEP_PASSES` on a copy of the captured graph ``gm`` for ``plan``.
+
+    The result is called as ``step(*user_inputs, *cache_inputs)`` and returns
+    ``(*user_outputs, *cache_writes)``; ``step.meta["cachecompile"]`` names the cache slots.
+    """
+    step = copy_graph_module(gm)
+    cache_io(step)
+    for p in STEP_PASSES:
+        step = p(step, regions, plan)
+    step.graph.lint()
+    step.recompile()
+    return step

@@ -1,0 +1,218 @@
+"""Regions: module calls in the captured graph whose outputs can be cached.
+
+A region is the set of nodes of one module *call* (``nn_module_stack`` call key, not the path
+prefix: DiT calls ``transformer_blocks.0.norm1.emb`` a second time in its output head) with the
+nodes whose values leave it. Found from module paths with glob patterns:
+
+* blocks: ``transformer_blocks.*`` (one path segment per ``*``),
+* branches inside a block: ``attn`` → ``attn1``, ``mlp`` → ``ff`` (relative to the block),
+* the stack: the contiguous run of all blocks, from the first block's stream input to the last
+  block's output.
+
+Branch outputs are the module outputs, i.e. before the adaLN gate that the block applies after
+the call, so gates are always recomputed at the current timestep.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.fx
+
+from cachecompile.schedule import Layout
+
+__all__ = ["Region", "RegionMap", "RegionPatterns", "RegionError", "find_regions", "normalize_path"]
+
+
+class RegionError(ValueError):
+    """No usable region was found, or a pattern matched something that cannot be cached."""
+
+
+@dataclass(frozen=True)
+class RegionPatterns:
+    """Where the blocks and their branches are, as globs over module paths.
+
+    ``blocks`` match block paths (``*`` is one path segment); ``branches`` map a branch kind to a
+    path relative to its block. A branch missing in a block is simply absent there.
+
+    >>> RegionPatterns(blocks=("layers.*",), branches={"attn": "self_attn", "mlp": "mlp"}).blocks
+    ('layers.*',)
+    """
+
+    blocks: tuple[str, ...] = ("transformer_blocks.*",)
+    branches: Mapping[str, str] = field(default_factory=lambda: {"attn": "attn1", "mlp": "ff"})
+
+    def describe(self) -> str:
+        br = ", ".join(f"{k}={v!r}" for k, v in self.branches.items())
+        return f"blocks={list(self.blocks)}, branches {{{br}}}"
+
+
+# Defaults per model family, by the model's class name; the fallback covers any model whose
+# blocks are diffusers BasicTransformerBlocks (attn1 / ff; attn2 is the cross-attention).
+FAMILY_PATTERNS: dict[str, RegionPatterns] = {
+    "DiTTransformer2DModel": RegionPatterns(),
+}
+DEFAULT_PATTERNS = RegionPatterns(
+    blocks=("transformer_blocks.*",),
+    branches={"attn": "attn1", "cross_attn": "attn2", "mlp": "ff"},
+)
+
+
+def register_family(class_name: str, patterns: RegionPatterns) -> None:
+    """Register the region patterns of a model family (by the model's class name)."""
+    FAMILY_PATTERNS[class_name] = patterns
+
+
+def patterns_for(model_class_name: str) -> RegionPatterns:
+    return FAMILY_PATTERNS.get(model_class_name, DEFAULT_PATTERNS)
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str  # blocks.3.attn, blocks.3, stack
+    path: str  # module path (for the stack: the first block's path .. the last block's)
+    nodes: frozenset[str]  # node names inside the region
+    outputs: tuple[str, ...]  # nodes whose values leave the region, in graph order
+    inputs: tuple[str, ...]  # tensor nodes from outside that the region consumes, in graph order
+
+    def slot(self, index: int = 0) -> str:
+        """Cache slot name of output ``index``."""
+        return self.name if len(self.outputs) == 1 else f"{self.name}#{index}"
+
+    @property
+    def slots(self) -> list[str]:
+        return [self.slot(i) for i in range(len(self.outputs))]
+
+
+@dataclass
+class RegionMap:
+    regions: dict[str, Region]
+    layout: Layout
+    patterns: RegionPatterns
+
+    def __getitem__(self, name: str) -> Region:
+        if name not in self.regions:
+            raise RegionError(f"unknown region {name!r}; the model has: {', '.join(sorted(self.regions))}")
+        return self.regions[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.regions
+
+    def slot_region(self, slot: str) -> tuple[Region, int]:
+        name, _, idx = slot.partition("#")
+        return self.regions[name], int(idx or 0)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.layout.branches)} blocks ({self.patterns.describe()})"]
+        for name, r in self.regions.items():
+            lines.append(f"  {name:<20} {r.path:<40} {len(r.nodes):>5} nodes, {len(r.outputs)} output(s)")
+        return "\n".join(lines)
+
+
+_STRICT_SELF = re.compile(r"^L\['self'\]\.?")
+
+
+def normalize_path(path: str) -> str:
+    """``L['self'].transformer_blocks[0].attn1`` / ``transformer_blocks.0.attn1`` → the latter."""
+    path = _STRICT_SELF.sub("", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    parts = [re.escape(p).replace(r"\*", r"[^.]+") for p in pattern.split(".")]
+    return re.compile(r"^" + r"\.".join(parts) + r"$")
+
+
+@dataclass
+class _Call:
+    key: str
+    path: str
+    nodes: list[torch.fx.Node] = field(default_factory=list)
+
+
+def _module_calls(graph: torch.fx.Graph) -> dict[str, _Call]:
+    calls: dict[str, _Call] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for key, value in stack.items():
+            path = normalize_path(value[0] if isinstance(value, tuple) else str(value))
+            if not path:
+                continue
+            calls.setdefault(key, _Call(key, path)).nodes.append(node)
+    return calls
+
+
+def _make_region(name: str, path: str, nodes: Sequence[torch.fx.Node]) -> Region:
+    inside = set(nodes)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    inputs: list[torch.fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr" and a not in inputs:
+                inputs.append(a)
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    inputs.sort(key=order.__getitem__)
+    if not outputs:
+        raise RegionError(f"region {name} ({path}) has no output used outside it")
+    return Region(name, path, frozenset(n.name for n in nodes), tuple(n.name for n in outputs), tuple(n.name for n in inputs))
+
+
+def find_regions(gm: torch.fx.GraphModule, patterns: RegionPatterns | None = None, model_class: str = "") -> RegionMap:
+    """Find blocks, their branches and the block stack in a captured graph.
+
+    Raises :class:`RegionError` naming the patterns tried when no block matches.
+    """
+    patterns = patterns or patterns_for(model_class.rsplit(".", 1)[-1])
+    calls = _module_calls(gm.graph)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    block_res = [_glob_regex(p) for p in patterns.blocks]
+    blocks = [c for c in calls.values() if any(r.match(c.path) for r in block_res)]
+    if not blocks:
+        paths = sorted({c.path for c in calls.values()})
+        raise RegionError(
+            f"no transformer block found in {model_class or 'the model'} with patterns "
+            f"{patterns.describe()}. Module paths in the graph include: {', '.join(paths[:15])}"
+            f"{' ...' if len(paths) > 15 else ''}. Pass regions=cc.RegionPatterns(blocks=(...), "
+            f"branches={{...}}) matching your model."
+        )
+    blocks.sort(key=lambda c: order[c.nodes[0]])
+    paths = [c.path for c in blocks]
+    dup = {p for p in paths if paths.count(p) > 1}
+    if dup:
+        raise RegionError(f"block(s) {sorted(dup)} are called more than once per forward; cachecompile needs one call per block")
+
+    regions: dict[str, Region] = {}
+    branches: list[tuple[str, ...]] = []
+    for i, block in enumerate(blocks):
+        block_keys = {block.key}
+        kinds = []
+        for kind, rel in patterns.branches.items():
+            rx = _glob_regex(f"{block.path}.{rel}")
+            # The branch call nested in this block's call (not a second call elsewhere).
+            match = [c for c in calls.values() if rx.match(c.path) and _inside(c, block_keys)]
+            if not match:
+                continue
+            if len(match) > 1:
+                raise RegionError(f"branch pattern {rel!r} matches {len(match)} calls in block {block.path}")
+            regions[f"blocks.{i}.{kind}"] = _make_region(f"blocks.{i}.{kind}", match[0].path, match[0].nodes)
+            kinds.append(kind)
+        regions[f"blocks.{i}"] = _make_region(f"blocks.{i}", block.path, block.nodes)
+        branches.append(tuple(kinds))
+    if not any(branches):
+        raise RegionError(
+            f"found {len(blocks)} blocks but no branch inside them with patterns {patterns.describe()}; "
+            f"paths inside the first block: {sorted({c.path for c in calls.values() if c.path.startswith(blocks[0].path + '.')})[:15]}"
+        )
+    stack_nodes = sorted({n for b in blocks for n in b.nodes}, key=order.__getitem__)
+    regions["stack"] = _make_region("stack", f"{blocks[0].path}..{blocks[-1].path}", stack_nodes)
+    return RegionMap(regions, Layout(branches=tuple(branches)), patterns)
+
+
+def _inside(call: _Call, keys: set[str]) -> bool:
+    stack = call.nodes[0].meta.get("nn_module_stack") or {}
+    return bool(keys & set(stack))

@@ -1,0 +1,216 @@
+"""``CachedTransformer``: the drop-in module that replays a cache schedule.
+
+It captures the model on its first real call (or on the example inputs given to
+:func:`cachecompile.optimize`), builds one step graph per distinct plan, lowers each through the
+chosen backend, and on every call picks the step graph of the current step, feeds it the cache
+tensors, stores the tensors it writes, and rebuilds the model's own output type.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from cachecompile.schedule import Schedule, StepPlan
+from passes import build_step_graph
+from passes.cache_io import cache_io
+from passes.capture import Captured, capture
+from passes.regions import RegionMap, RegionPatterns, find_regions
+from runtime.cache_store import CacheStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CachedTransformer", "InputMismatchError"]
+
+Runner = Callable[..., Sequence[torch.Tensor]]
+
+
+class InputMismatchError(ValueError):
+    """A call whose inputs do not match the captured ones (shape, dtype, structure, constants)."""
+
+
+def _lower(backend: str, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any]) -> Runner:
+    if backend == "eager":
+        return gm
+    from runtime.backends import get_backend
+
+    return get_backend(backend).compile(gm, example_inputs, **options)
+
+
+def check_backend(backend: str) -> None:
+    """Fail early (before any capture) on an unknown backend or a missing optional dependency."""
+    if backend == "eager":
+        return
+    from runtime.backends import get_backend
+
+    get_backend(backend)
+
+
+class CachedTransformer(torch.nn.Module):
+    """A transformer whose calls follow a cache schedule. Build it with :func:`cachecompile.optimize`.
+
+    Attributes:
+        schedule: the :class:`~cachecompile.Schedule`.
+        plans: one :class:`~cachecompile.schedule.StepPlan` per step (after the first call).
+        step_graphs: each distinct plan → its rewritten ``GraphModule``.
+        region_map: the regions found in the captured graph.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: Schedule,
+        *,
+        backend: str = "eager",
+        regions: RegionPatterns | None = None,
+        calls_per_step: int = 1,
+        backend_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # The user's model is held, not registered: our state_dict and .to() stay ours, and the
+        # model object itself is never modified (the step graphs share its parameter tensors).
+        object.__setattr__(self, "_model", model)
+        self.schedule = schedule
+        self.backend = backend
+        self.calls_per_step = calls_per_step
+        self._patterns = regions
+        self._backend_options = dict(backend_options or {})
+        self._captured: Captured | None = None
+        self.region_map: RegionMap | None = None
+        self.plans: list[StepPlan] | None = None
+        self.step_graphs: dict[StepPlan, torch.fx.GraphModule] = {}
+        self._graph_of_step: list[int] = []
+        self._graphs: list[torch.fx.GraphModule] = []
+        self._runners: list[Runner] = []
+        self._store = CacheStore()
+        self._calls = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> torch.nn.Module:
+        """The original model (unchanged)."""
+        return self._model
+
+    @property
+    def is_captured(self) -> bool:
+        return self._captured is not None
+
+    @property
+    def step(self) -> int:
+        """The step the next call belongs to."""
+        return self._calls // self.calls_per_step
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the cache store now (after a generation: the steady-state size)."""
+        return self._store.nbytes
+
+    def __getattr__(self, name: str) -> Any:
+        # Pipelines read transformer.config, .dtype, .device ...: answer from the original model.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    # ------------------------------------------------------------------ building
+    def prepare(self, *args: Any, **kwargs: Any) -> "CachedTransformer":
+        """Capture, find regions, resolve the schedule, rewrite and lower, for these inputs.
+
+        Called by the first ``forward``; call it yourself to pay the cost up front. All or
+        nothing: on error the module stays uncaptured.
+        """
+        captured = capture(self._model, args, kwargs)
+        region_map = find_regions(captured.gm, self._patterns, captured.meta["model_class"])
+        plans = self.schedule.resolve(region_map.layout)
+        distinct: dict[StepPlan, int] = {}
+        graph_of_step = [distinct.setdefault(p, len(distinct)) for p in plans]
+        graphs = [build_step_graph(captured.gm, region_map, p) for p in distinct]
+        runners = [
+            _lower(self.backend, gm, self._example_inputs(captured, gm), self._backend_options) for gm in graphs
+        ]
+        self._captured, self.region_map, self.plans = captured, region_map, plans
+        self._graph_of_step, self._graphs, self._runners = graph_of_step, graphs, runners
+        self.step_graphs = dict(zip(distinct, graphs))
+        self.reset()
+        log.info("cachecompile: %d steps → %d step graphs (%s)", len(plans), len(graphs), self.backend)
+        return self
+
+    @staticmethod
+    def _example_inputs(captured: Captured, gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        cache = placeholders[len(captured.example_inputs) :]
+        device = captured.example_inputs[0].device if captured.example_inputs else None
+        zeros = [torch.zeros(p.meta["val"].shape, dtype=p.meta["val"].dtype, device=device) for p in cache]
+        return list(captured.example_inputs) + zeros
+
+    def reset(self) -> None:
+        """Start a new generation: the next call is step 0 and the cache is emptied."""
+        self._calls = 0
+        self._store.clear()
+
+    # ------------------------------------------------------------------ calling
+    def _tensor_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        cap = self._captured
+        assert cap is not None
+        if set(kwargs) == set(cap.kwarg_order):  # keyword order is free in Python, not in a pytree spec
+            kwargs = {k: kwargs[k] for k in cap.kwarg_order}
+        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+        if spec != cap.in_spec:
+            raise InputMismatchError(
+                f"this call's arguments {_describe_spec(args, kwargs)} differ from the captured call's "
+                f"structure; call the cached transformer with the same arguments (same keywords, same "
+                f"None/non-None) as its first call, or optimize the model again for this call"
+            )
+        tensors = []
+        for leaf, value in zip(cap.leaves, leaves):
+            if leaf.tensor_index is None:
+                if value != leaf.value:
+                    raise InputMismatchError(
+                        f"argument {leaf.name!r} is {value!r} but the graph was captured with {leaf.value!r}; "
+                        f"non-tensor arguments are fixed in the captured graph: optimize the model again for {value!r}"
+                    )
+                continue
+            if tuple(value.shape) != leaf.shape or value.dtype != leaf.dtype:
+                raise InputMismatchError(
+                    f"input {leaf.name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
+                    f"step graphs were captured for shape {leaf.shape} and dtype {leaf.dtype}. Step graphs "
+                    f"have static shapes: call cachecompile.optimize(model, schedule) again for the new "
+                    f"shape (batch size, resolution or classifier-free-guidance batching changed)"
+                )
+            tensors.append(value)
+        return tensors
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._captured is None:
+            self.prepare(*args, **kwargs)
+        cap = self._captured
+        assert cap is not None
+        tensors = self._tensor_inputs(args, kwargs)
+        step = self._calls // self.calls_per_step
+        call = self._calls % self.calls_per_step
+        idx = self._graph_of_step[step]
+        io = cache_io(self._graphs[idx])
+        cache_in = [self._store.read(call, slot) for slot in io["cache_inputs"]]
+        outs = self._runners[idx](*tensors, *cache_in)
+        n = cap.num_outputs
+        for slot, value in zip(io["cache_outputs"], outs[n:]):
+            self._store.write(call, slot, value)
+        self._calls += 1
+        if self._calls == len(self._graph_of_step) * self.calls_per_step:
+            self._calls = 0  # the next call starts a new generation
+            self._store.new_generation()
+        return pytree.tree_unflatten(list(outs[:n]), cap.out_spec)
+
+    def extra_repr(self) -> str:
+        state = f"{len(self._graphs)} step graphs" if self._captured is not None else "not captured yet"
+        return f"schedule={self.schedule!r}, backend={self.backend!r}, {state}"
+
+
+def _describe_spec(args: tuple, kwargs: dict) -> str:
+    return f"({len(args)} positional, keywords {sorted(kwargs)})"

@@ -1,0 +1,148 @@
+"""The drop-in runtime over whole sampling loops, against eager references."""
+
+import pytest
+import torch
+
+import cachecompile as cc
+from cachecompile.sampling import ddim_sample
+from tests.conftest import dit_inputs, fora_reference
+
+
+def test_all_compute_schedule_reproduces_the_model(dit, labels, sample_kwargs, uncached_samples):
+    cached = cc.optimize(dit, cc.Schedule.fora(12, 1))
+    out = ddim_sample(cached, labels, **sample_kwargs)
+    assert (out - uncached_samples).abs().max().item() <= 1e-5
+    assert len(cached.step_graphs) == 1
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_fora_matches_eager_reference_across_generations(dit, labels, sample_kwargs, uncached_samples, interval):
+    cached = cc.optimize(dit, cc.Schedule.fora(12, interval))
+    ref = fora_reference(dit, interval)
+    for generation in range(2):
+        ref.counter.calls = 0
+        expected = ddim_sample(ref, labels, **sample_kwargs)
+        got = ddim_sample(cached, labels, **sample_kwargs)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert cached.step == 0, "a finished generation leaves the next call at step 0"
+    # and caching really changed the result
+    assert (got - uncached_samples).abs().max() > 1e-3
+
+
+def test_fora_interval_3_has_two_step_graphs(dit, labels, sample_kwargs):
+    cached = cc.optimize(dit, cc.Schedule.fora(12, 3))
+    ddim_sample(cached, labels, **sample_kwargs)
+    assert len(cached.step_graphs) == 2
+    kinds = sorted(p.is_full for p in cached.step_graphs)
+    assert kinds == [False, True]
+
+
+def test_two_optimized_models_do_not_share_state(dit, labels, sample_kwargs):
+    a = cc.optimize(dit, cc.Schedule.fora(12, 3))
+    b = cc.optimize(dit, cc.Schedule.fora(12, 3))
+    expected = ddim_sample(a, labels, **sample_kwargs)
+    # interleave b's first half-generation with a fresh run of a: a must be unaffected
+    kw = dit_inputs()
+    for _ in range(5):
+        b(**kw, return_dict=False)
+    torch.testing.assert_close(ddim_sample(a, labels, **sample_kwargs), expected, rtol=0, atol=0)
+
+
+def test_reset_restarts_the_generation(dit, labels, sample_kwargs):
+    cached = cc.optimize(dit, cc.Schedule.fora(12, 3))
+    expected = ddim_sample(cached, labels, **sample_kwargs)
+    kw = dit_inputs(batch=4)  # the CFG batch of the sampling loop
+    for _ in range(4):
+        cached(**kw, return_dict=False)
+    assert cached.step == 4
+    cached.reset()
+    assert cached.step == 0
+    torch.testing.assert_close(ddim_sample(cached, labels, **sample_kwargs), expected, rtol=0, atol=0)
+
+
+def test_output_types_match_the_model(dit):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    kw = dit_inputs()
+    cached = cc.optimize(dit, cc.Schedule.fora(3, 1))
+    out = cached(**kw)
+    assert isinstance(out, Transformer2DModelOutput)
+    torch.testing.assert_close(out.sample, dit(**kw).sample, rtol=0, atol=0)
+    tup = cc.optimize(dit, cc.Schedule.fora(3, 1))
+    res = tup(kw["hidden_states"], timestep=kw["timestep"], class_labels=kw["class_labels"], return_dict=False)
+    assert isinstance(res, tuple) and len(res) == 1
+    torch.testing.assert_close(res[0], out.sample, rtol=0, atol=0)
+
+
+def test_optimize_leaves_the_model_unchanged(dit, labels, sample_kwargs, uncached_samples):
+    state = {k: v.clone() for k, v in dit.state_dict().items()}
+    cached = cc.optimize(dit, cc.Schedule.fora(12, 3))
+    ddim_sample(cached, labels, **sample_kwargs)
+    assert all(torch.equal(state[k], v) for k, v in dit.state_dict().items())
+    assert torch.equal(ddim_sample(dit, labels, **sample_kwargs), uncached_samples)
+    assert not isinstance(dit.transformer_blocks[0].attn1, cc.CachedTransformer)
+
+
+def test_pipeline_attributes_pass_through(dit):
+    cached = cc.optimize(dit, cc.Schedule.fora(3, 1))
+    assert cached.config.sample_size == 8
+    assert cached.dtype == torch.float32
+    assert cached.model is dit
+    assert list(cached.state_dict()) == []
+
+
+def test_shape_change_is_a_clear_error(dit):
+    cached = cc.optimize(dit, cc.Schedule.fora(4, 2))
+    cached(**dit_inputs(batch=2))
+    with pytest.raises(cc.InputMismatchError, match=r"shape \(4, 4, 8, 8\).*captured for shape \(2, 4, 8, 8\).*optimize"):
+        cached(**dit_inputs(batch=4))
+    assert cached.step == 1, "a refused call does not advance the schedule"
+
+
+def test_changed_constant_or_structure_is_a_clear_error(dit):
+    kw = dit_inputs()
+    cached = cc.optimize(dit, cc.Schedule.fora(4, 2))
+    cached(**kw, return_dict=True)
+    with pytest.raises(cc.InputMismatchError, match="return_dict"):
+        cached(**kw, return_dict=False)
+    with pytest.raises(cc.InputMismatchError, match="structure"):
+        cached(kw["hidden_states"], timestep=kw["timestep"], class_labels=kw["class_labels"], return_dict=True)
+
+
+def test_example_inputs_capture_eagerly_and_errors_leave_nothing_half_applied(dit):
+    kw = dit_inputs()
+    cached = cc.optimize(dit, cc.Schedule.fora(4, 2), example_kwargs=kw)
+    assert cached.is_captured and len(cached.step_graphs) == 2
+    with pytest.raises(cc.ScheduleError, match="2 blocks per step but the model has 3"):
+        cc.optimize(dit, cc.Schedule.from_mask([[[1, 1]] * 2]), example_kwargs=kw)
+    bad = cc.CachedTransformer(dit, cc.Schedule.from_mask([[[1, 1]] * 2]))
+    with pytest.raises(cc.ScheduleError):
+        bad(**kw)
+    assert not bad.is_captured and bad.step_graphs == {}
+
+
+def test_unknown_region_pattern_fails_on_capture(dit):
+    cached = cc.optimize(dit, cc.Schedule.fora(4, 2), regions=cc.RegionPatterns(blocks=("blocks.*",)))
+    with pytest.raises(cc.RegionError, match="no transformer block found"):
+        cached(**dit_inputs())
+
+
+def test_calls_per_step_keeps_one_cache_per_call(dit):
+    """CFG as two calls per step: each call has its own cache."""
+    kw_c, kw_u = dit_inputs(seed=1), dit_inputs(seed=2)
+    sched = cc.Schedule.fora(4, 2)
+    two = cc.optimize(dit, sched, calls_per_step=2)
+    one_c, one_u = cc.optimize(dit, sched), cc.optimize(dit, sched)
+    for _ in range(4):
+        torch.testing.assert_close(two(**kw_c).sample, one_c(**kw_c).sample, rtol=0, atol=0)
+        torch.testing.assert_close(two(**kw_u).sample, one_u(**kw_u).sample, rtol=0, atol=0)
+    assert two.step == 0
+
+
+def test_bad_arguments_to_optimize(dit):
+    with pytest.raises(TypeError, match="Schedule"):
+        cc.optimize(dit, "fora")
+    with pytest.raises(ValueError, match="calls_per_step"):
+        cc.optimize(dit, cc.Schedule.fora(4, 2), calls_per_step=0)
+    with pytest.raises(TypeError, match="already optimized"):
+        cc.optimize(cc.optimize(dit, cc.Schedule.fora(4, 2)), cc.Schedule.fora(4, 2))
