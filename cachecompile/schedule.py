@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,23 @@ def action_from_json(obj: Any) -> Action:
     if kind not in _ACTION_PARSERS:
         raise ScheduleError(f"unknown action {obj!r}; known kinds: {sorted(_ACTION_PARSERS)}")
     return _ACTION_PARSERS[kind](obj)
+
+
+# Compensations (GOC, EOC, Taylor ...) are frozen dataclasses with ``kind``, ``to_json()`` and
+# ``transform(rules, schedule, layout) -> rules``; they are read back from files by kind.
+_COMPENSATIONS: dict[str, Callable[[Any], Any]] = {}
+
+
+def register_compensation(kind: str, parser: Callable[[Any], Any]) -> None:
+    """Register how a compensation kind is read back from a schedule file."""
+    _COMPENSATIONS[kind] = parser
+
+
+def compensation_from_json(obj: Any) -> Any:
+    kind = obj.get("kind") if isinstance(obj, Mapping) else None
+    if kind not in _COMPENSATIONS:
+        raise ScheduleError(f"unknown compensation {obj!r}; known kinds: {sorted(_COMPENSATIONS)}")
+    return _COMPENSATIONS[kind](obj)
 
 
 # --------------------------------------------------------------------------- layout & plan
@@ -234,6 +252,7 @@ class Schedule:
     params: Mapping[str, Any] = field(default_factory=dict)
     mask: tuple[tuple[tuple[bool, ...], ...], ...] | None = None
     steps: tuple[tuple[tuple[str, Action], ...], ...] | None = None
+    compensation: Any = None  # a registered compensation (GOC, EOC, Taylor ...): see register_compensation
 
     def __post_init__(self) -> None:
         _check_positive_int("num_steps", self.num_steps)
@@ -243,11 +262,15 @@ class Schedule:
         object.__setattr__(self, "params", _FrozenDict(self.params))
 
     def __hash__(self) -> int:
-        return hash((self.num_steps, self.method, hash(self.params), self.mask, self.steps))
+        return hash((self.num_steps, self.method, hash(self.params), self.mask, self.steps, self.compensation))
 
     # ----------------------------------------------------------------- presets
+    def with_compensation(self, compensation: Any) -> "Schedule":
+        """The same schedule with its ``reuse`` actions compensated (``cc.GOC(...)`` ...)."""
+        return dataclasses.replace(self, compensation=compensation)
+
     @classmethod
-    def fora(cls, num_steps: int, interval: int) -> "Schedule":
+    def fora(cls, num_steps: int, interval: int, *, compensation: Any = None) -> "Schedule":
         """FORA: step ``s`` computes everything when ``s % interval == 0``; other steps reuse
         every block's attention and MLP output (taken before the adaLN gate).
 
@@ -255,10 +278,10 @@ class Schedule:
         ['full', 'cached', 'full', 'cached']
         """
         _check_positive_int("interval", interval)
-        return cls(num_steps=num_steps, method="fora", params={"interval": interval})
+        return cls(num_steps=num_steps, method="fora", params={"interval": interval}, compensation=compensation)
 
     @classmethod
-    def from_mask(cls, mask: Any, branches: Sequence[str] = ("attn", "mlp")) -> "Schedule":
+    def from_mask(cls, mask: Any, branches: Sequence[str] = ("attn", "mlp"), *, compensation: Any = None) -> "Schedule":
         """A Learning-to-Cache style mask: ``mask[step][block][branch]`` is 1 to compute, 0 to
         reuse. ``mask`` may be nested lists, a numpy array, a torch tensor, or a path to a
         ``.json`` (nested lists) / ``.npy`` / ``.pt`` file.
@@ -277,10 +300,12 @@ class Schedule:
                     f"[num_steps][{nb}][{len(branches)}] of 0/1 (branches {list(branches)})"
                 )
         frozen = tuple(tuple(tuple(bool(v) for v in flags) for flags in row) for row in mask)
-        return cls(num_steps=len(frozen), method="mask", params={"branches": list(branches)}, mask=frozen)
+        return cls(
+            num_steps=len(frozen), method="mask", params={"branches": list(branches)}, mask=frozen, compensation=compensation
+        )
 
     @classmethod
-    def explicit(cls, steps: Sequence[Mapping[str, str | Action]]) -> "Schedule":
+    def explicit(cls, steps: Sequence[Mapping[str, str | Action]], *, compensation: Any = None) -> "Schedule":
         """One dict per step mapping region names (``blocks.3.mlp``, ``stack`` ...) to actions
         (``"reuse"``, ``"compute"`` or an :class:`Action`); regions not named are computed.
 
@@ -291,7 +316,7 @@ class Schedule:
             tuple(sorted((r, a if isinstance(a, Action) else action_from_json(a)) for r, a in step.items()))
             for step in steps
         )
-        return cls(num_steps=len(frozen), method="explicit", steps=frozen)
+        return cls(num_steps=len(frozen), method="explicit", steps=frozen, compensation=compensation)
 
     # ----------------------------------------------------------------- resolution
     def resolve(self, layout: Layout) -> list[StepPlan]:
@@ -309,6 +334,9 @@ class Schedule:
                     f"regions are: {_summarise_names(sorted(known))}"
                 )
         rules = [_drop_shadowed(acts) for acts in rules]
+        if self.compensation is not None:
+            # A compensation turns some reuse actions into forecast actions (and may add state).
+            rules = self.compensation.transform(rules, self, layout)
         return _plans_with_writes(rules)
 
     def step_kinds(self) -> list[str]:
@@ -330,6 +358,8 @@ class Schedule:
             d["mask"] = [[[int(v) for v in f] for f in row] for row in self.mask]
         if self.steps is not None:
             d["steps"] = [{r: a.to_json() for r, a in step} for step in self.steps]
+        if self.compensation is not None:
+            d["compensation"] = self.compensation.to_json()
         return d
 
     @classmethod
@@ -339,10 +369,12 @@ class Schedule:
         params = _unjson(d.get("params", {}))
         mask = d.get("mask")
         steps = d.get("steps")
+        comp = d.get("compensation")
         return cls(
             num_steps=d["num_steps"],
             method=d["method"],
             params=params,
+            compensation=None if comp is None else compensation_from_json(comp),
             mask=None if mask is None else tuple(tuple(tuple(bool(v) for v in f) for f in row) for row in mask),
             steps=None
             if steps is None
@@ -370,7 +402,8 @@ class Schedule:
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
-        return f"Schedule.{self.method}(num_steps={self.num_steps}{', ' if params else ''}{params})"
+        comp = f", compensation={self.compensation!r}" if self.compensation is not None else ""
+        return f"Schedule.{self.method}(num_steps={self.num_steps}{', ' if params else ''}{params}{comp})"
 
 
 # Methods may register a per-step label (used by print and the bench's per-step timing).
@@ -439,7 +472,7 @@ def _load_mask(mask: Any) -> list:
 def _drop_shadowed(acts: dict[str, Action]) -> dict[str, Action]:
     """A region inside a reused stack or block never runs: its own action is meaningless."""
     out = dict(acts)
-    outer = [r for r, a in acts.items() if a.kind == "reuse" and (r == "stack" or r.count(".") == 1)]
+    outer = [r for r, a in acts.items() if not a.computes and (r == "stack" or r.count(".") == 1)]
     for region in list(out):
         for o in outer:
             inside = o == "stack" and region.startswith("blocks.") or region.startswith(o + ".")
@@ -526,7 +559,7 @@ _MARKS = {"reuse": "·", "partial": "p", "forecast": "~"}
 
 
 def _cell(acts: Mapping[str, Action], block: int, layout: Layout) -> str:
-    if acts.get("stack", COMPUTE).kind == "reuse" or acts.get(f"blocks.{block}", COMPUTE).kind == "reuse":
+    if not acts.get("stack", COMPUTE).computes or not acts.get(f"blocks.{block}", COMPUTE).computes:
         return "S" * len(layout.branches[block][:2])
     out = ""
     for kind in layout.branches[block][:2]:

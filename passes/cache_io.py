@@ -19,12 +19,25 @@ from passes.regions import RegionMap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["insert_cache_reads", "insert_cache_writes", "cache_io", "add_cache_input", "add_cache_output"]
+__all__ = [
+    "insert_cache_reads",
+    "insert_cache_writes",
+    "cache_io",
+    "add_cache_input",
+    "add_cache_output",
+    "add_step_input",
+    "order_placeholders",
+]
 
 
 def cache_io(gm: torch.fx.GraphModule) -> dict:
-    """The cache calling convention of a step graph: its cache input and output slot names."""
-    return gm.meta.setdefault("cachecompile", {"cache_inputs": [], "cache_outputs": [], "num_user_outputs": None})
+    """The calling convention of a step graph, ``gm(*user_inputs, *cache_inputs, *step_inputs)
+    -> (*user_outputs, *cache_writes)``: cache slot names in, cache slot names out, and the
+    per-step inputs (scalars the runtime computes each step, e.g. a forecast weight)."""
+    return gm.meta.setdefault(
+        "cachecompile",
+        {"cache_inputs": [], "cache_outputs": [], "step_inputs": [], "num_user_outputs": None, "placeholders": {}},
+    )
 
 
 def _output_node(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -44,6 +57,40 @@ def add_cache_input(gm: torch.fx.GraphModule, slot: str, like: torch.fx.Node) ->
     io["cache_inputs"].append(slot)
     io.setdefault("placeholders", {})[slot] = ph.name
     return ph
+
+
+def add_step_input(gm: torch.fx.GraphModule, name: str, val: torch.Tensor) -> torch.fx.Node:
+    """A per-step input placeholder; the runtime asks the provider registered for ``name``'s
+    prefix (``runtime.cached.register_step_input``) for its value at every call. ``val`` is an
+    example (fake or real) tensor for the metadata."""
+    io = cache_io(gm)
+    if name in io["step_inputs"]:
+        return {n.name: n for n in gm.graph.nodes}[io["placeholders"][name]]
+    graph = gm.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        ph = graph.placeholder("step_" + name.replace(".", "_").replace("#", "_").replace(":", "_"))
+    ph.meta["val"] = val
+    io["step_inputs"].append(name)
+    io["placeholders"][name] = ph.name
+    return ph
+
+
+def order_placeholders(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Put the placeholders in calling-convention order: user inputs, cache inputs, step inputs."""
+    io = cache_io(gm)
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    extra = [nodes[io["placeholders"][s]] for s in io["cache_inputs"] + io["step_inputs"]]
+    user = [n for n in graph.nodes if n.op == "placeholder" and n not in extra]
+    anchor = user[-1] if user else None
+    for ph in extra:
+        if anchor is None:
+            next(iter(graph.nodes)).prepend(ph)
+        else:
+            anchor.append(ph)
+        anchor = ph
+    return gm
 
 
 def add_cache_output(gm: torch.fx.GraphModule, slot: str, value: torch.fx.Node) -> None:

@@ -42,6 +42,14 @@ def remove_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         else:
             graph.erase_node(ph)
     io["cache_inputs"] = keep
+    used_steps = []
+    for name in io["step_inputs"]:
+        ph = placeholders[io["placeholders"][name]]
+        if ph.users:
+            used_steps.append(name)
+        else:
+            graph.erase_node(ph)
+    io["step_inputs"] = used_steps
     gm.delete_all_unused_submodules()
     removed = before - len(graph.nodes)
     counters["dead_nodes_removed"] += removed

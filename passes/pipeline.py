@@ -8,7 +8,7 @@ from typing import Callable
 import torch.fx
 
 from cachecompile.schedule import StepPlan
-from passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes
+from passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
 from passes.dce import remove_dead_code
 from passes.regions import RegionMap
 
@@ -22,12 +22,13 @@ STEP_PASSES: list[Pass] = [
     insert_cache_writes,
     insert_cache_reads,
     lambda gm, regions, plan: remove_dead_code(gm),
+    lambda gm, regions, plan: order_placeholders(gm),
 ]
 
 
 def register_step_pass(fn: Pass, before: Pass | None = None) -> None:
     """Insert a pass into :data:`STEP_PASSES` (before ``before``, default: before dead code removal)."""
-    idx = STEP_PASSES.index(before) if before is not None else len(STEP_PASSES) - 1
+    idx = STEP_PASSES.index(before) if before is not None else len(STEP_PASSES) - 2
     STEP_PASSES.insert(idx, fn)
 
 
@@ -46,7 +47,7 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def build_step_graph(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) -> torch.fx.GraphModule:
     """Run :data:`STEP_PASSES` on a copy of the captured graph ``gm`` for ``plan``.
 
-    The result is called as ``step(*user_inputs, *cache_inputs)`` and returns
+    The result is called as ``step(*user_inputs, *cache_inputs, *step_inputs)`` and returns
     ``(*user_outputs, *cache_writes)``; ``step.meta["cachecompile"]`` names the cache slots.
     """
     step = copy_graph_module(gm)

@@ -32,6 +32,23 @@ class InputMismatchError(ValueError):
     """A call whose inputs do not match the captured ones (shape, dtype, structure, constants)."""
 
 
+# Per-step graph inputs (see passes.cache_io.add_step_input): name prefix (before the first ":")
+# → fn(cached, step, name) -> Tensor. Keeps per-step scalars out of the graphs, so the number of
+# step graphs does not grow with the number of steps.
+STEP_INPUTS: dict[str, Callable[["CachedTransformer", int, str], torch.Tensor]] = {}
+
+
+def register_step_input(prefix: str, fn: Callable[["CachedTransformer", int, str], torch.Tensor]) -> None:
+    STEP_INPUTS[prefix] = fn
+
+
+def step_input_value(cached: "CachedTransformer", step: int, name: str) -> torch.Tensor:
+    prefix = name.split(":", 1)[0]
+    if prefix not in STEP_INPUTS:
+        raise RuntimeError(f"no provider registered for step input {name!r} (prefix {prefix!r})")
+    return STEP_INPUTS[prefix](cached, step, name)
+
+
 def _lower(backend: str, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any]) -> Runner:
     if backend == "eager":
         return gm
@@ -197,7 +214,8 @@ class CachedTransformer(torch.nn.Module):
         idx = self._graph_of_step[step]
         io = cache_io(self._graphs[idx])
         cache_in = [self._store.read(call, slot) for slot in io["cache_inputs"]]
-        outs = self._runners[idx](*tensors, *cache_in)
+        step_in = [step_input_value(self, step, name) for name in io["step_inputs"]]
+        outs = self._runners[idx](*tensors, *cache_in, *step_in)
         n = cap.num_outputs
         for slot, value in zip(io["cache_outputs"], outs[n:]):
             self._store.write(call, slot, value)

@@ -87,3 +87,26 @@ def test_counters_and_dce(dit):
     remove_dead_code(g)
     assert before - len(g.graph.nodes) >= n_assert
     assert sum(n.target == SDPA for n in g.graph.nodes) == 3
+
+
+def test_placeholders_follow_the_calling_convention(dit):
+    from passes.cache_io import add_cache_input, add_step_input, cache_io, order_placeholders
+
+    cap, rm, plans = _setup(dit, cc.Schedule.fora(4, 2))
+    g = copy_graph_module(cap.gm)
+    nodes = {n.name: n for n in g.graph.nodes}
+    out = nodes[rm["blocks.0.mlp"].outputs[0]]
+    w = add_step_input(g, "weight:blocks.0.mlp", torch.tensor(1.0))
+    c = add_cache_input(g, "blocks.0.mlp", out)
+    user = list(out.users)[0]
+    with g.graph.inserting_before(user):
+        mixed = g.graph.call_function(torch.ops.aten.add.Tensor, (c, w))
+    user.replace_input_with(out, mixed)
+    order_placeholders(g)
+    names = [n.name for n in g.graph.nodes if n.op == "placeholder"]
+    assert names == ["hidden_states", "timestep", "class_labels", "cache_blocks_0_mlp", "step_weight_blocks_0_mlp"]
+    assert cache_io(g)["step_inputs"] == ["weight:blocks.0.mlp"]
+    g.recompile()
+    ref = cap.gm(*cap.example_inputs)[0]
+    assert torch.isfinite(g(*cap.example_inputs, torch.zeros(out.meta["val"].shape), torch.tensor(0.5))[0]).all()
+    assert not torch.equal(g(*cap.example_inputs, torch.zeros(out.meta["val"].shape), torch.tensor(0.5))[0], ref)
