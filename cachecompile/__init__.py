@@ -24,9 +24,16 @@ _LAZY = {
     "optimize": "cachecompile.api",
     "CachedTransformer": "runtime.cached",
     "InputMismatchError": "runtime.cached",
+    "StepMismatchError": "runtime.steps",
     "RegionPatterns": "passes.regions",
     "RegionError": "passes.regions",
     "CaptureError": "passes.capture",
+    "GOC": "cachecompile.compensation",
+    "EOC": "cachecompile.compensation",
+    "Taylor": "cachecompile.compensation",
+    "calibrate": "cachecompile.calibrate",
+    "load": "runtime.artifact",
+    "ArtifactError": "runtime.backends",
 }
 
 
@@ -50,4 +57,11 @@ __all__ = [
     "RegionError",
     "CaptureError",
     "InputMismatchError",
+    "StepMismatchError",
+    "GOC",
+    "EOC",
+    "Taylor",
+    "calibrate",
+    "load",
+    "ArtifactError",
 ]

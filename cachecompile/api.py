@@ -6,9 +6,11 @@ from typing import Any, Mapping
 
 import torch
 
+from cachecompile.pipelines import attach_to_pipeline
 from cachecompile.schedule import Schedule
 from passes.regions import RegionPatterns
 from runtime.cached import CachedTransformer, check_backend
+from runtime.steps import check_calls_per_step
 
 __all__ = ["optimize"]
 
@@ -19,7 +21,7 @@ def optimize(
     backend: str = "eager",
     *,
     regions: RegionPatterns | None = None,
-    calls_per_step: int = 1,
+    calls_per_step: int | str = 1,
     example_args: tuple | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
     **backend_options: Any,
@@ -44,19 +46,26 @@ def optimize(
         backend: ``"eager"``, ``"inductor"``, ``"aoti"``, ``"onnxruntime"`` or ``"tensorrt"``.
         regions: patterns for models without a registered family default.
         calls_per_step: transformer calls per sampling step (2 when a pipeline runs the
-            conditional and unconditional branches of classifier-free guidance as two calls).
+            conditional and unconditional branches of classifier-free guidance as two calls), or
+            ``"auto"`` to detect it in step 0 from the ``timestep`` argument (see
+            :mod:`runtime.steps`; calls that do not fit the schedule raise ``StepMismatchError``).
         backend_options: passed to the backend (``mode="max-autotune"`` for Inductor ...).
+
+    For a pipeline, the denoising loop's length is also checked against ``schedule.num_steps``
+    before the first step (the pipeline's ``progress_bar`` calls
+    :meth:`CachedTransformer.begin_generation`); undo with ``pipe.transformer = pipe.transformer.model``.
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a cachecompile.Schedule, got {type(schedule).__name__}; build one with cc.Schedule.fora(...)")
-    if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
-        raise ValueError(f"calls_per_step must be an integer >= 1, got {calls_per_step!r}")
+    check_calls_per_step(calls_per_step)
     transformer = getattr(model, "transformer", None)
     if not isinstance(model, torch.nn.Module) and isinstance(transformer, torch.nn.Module):
-        model.transformer = optimize(
+        cached = optimize(
             transformer, schedule, backend, regions=regions, calls_per_step=calls_per_step,
             example_args=example_args, example_kwargs=example_kwargs, **backend_options,
         )
+        attach_to_pipeline(model)
+        model.transformer = cached
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module or a pipeline with .transformer, got {type(model).__name__}")

@@ -34,6 +34,7 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "register_method",
+    "register_rule_transform",
 ]
 
 FORMAT = "cachecompile.schedule/1"
@@ -92,6 +93,10 @@ def register_action(kind: str, parser: Callable[[Any], Action]) -> None:
 def action_from_json(obj: Any) -> Action:
     kind = obj if isinstance(obj, str) else obj.get("kind")
     if kind not in _ACTION_PARSERS:
+        _load_builtin_methods()
+    if kind not in _ACTION_PARSERS:
+        _load_builtin_kinds()
+    if kind not in _ACTION_PARSERS:
         raise ScheduleError(f"unknown action {obj!r}; known kinds: {sorted(_ACTION_PARSERS)}")
     return _ACTION_PARSERS[kind](obj)
 
@@ -106,8 +111,22 @@ def register_compensation(kind: str, parser: Callable[[Any], Any]) -> None:
     _COMPENSATIONS[kind] = parser
 
 
+def _load_builtin_kinds() -> None:
+    """The built-in compensations (GOC, EOC, Taylor) and their actions register on import, so a
+    schedule file that uses them loads in a fresh process."""
+    import cachecompile.compensation  # noqa: F401
+
+
+def _load_builtin_methods() -> None:
+    """The methods beyond the core presets (toca, duca) and their actions register on import, so
+    a schedule file that uses them loads in a fresh process."""
+    import cachecompile.methods.dual  # noqa: F401
+
+
 def compensation_from_json(obj: Any) -> Any:
     kind = obj.get("kind") if isinstance(obj, Mapping) else None
+    if kind not in _COMPENSATIONS:
+        _load_builtin_kinds()
     if kind not in _COMPENSATIONS:
         raise ScheduleError(f"unknown compensation {obj!r}; known kinds: {sorted(_COMPENSATIONS)}")
     return _COMPENSATIONS[kind](obj)
@@ -168,7 +187,8 @@ class StepPlan:
 
     @property
     def is_full(self) -> bool:
-        return not self.actions
+        # A compute action may carry extra state to keep (methods.dual.Record): still full.
+        return all(a.kind == "compute" for _, a in self.actions)
 
     def describe(self) -> str:
         if self.is_full:
@@ -194,6 +214,18 @@ def register_method(name: str) -> Callable[[StepRule], StepRule]:
         return fn
 
     return deco
+
+
+# Rule transforms run on every method's rules after shadowed actions are dropped and the
+# compensation is applied, before writes are attached: fn(rules, schedule, layout) -> rules.
+# methods.dual uses one to record, at compute steps, the state that later partial steps read.
+_RULE_TRANSFORMS: list[Callable[[list[dict[str, Action]], "Schedule", Layout], list[dict[str, Action]]]] = []
+
+
+def register_rule_transform(fn: Callable[[list[dict[str, Action]], "Schedule", Layout], list[dict[str, Action]]]) -> None:
+    """Register a transform applied to the resolved rules of every schedule (see ``_RULE_TRANSFORMS``)."""
+    if fn not in _RULE_TRANSFORMS:
+        _RULE_TRANSFORMS.append(fn)
 
 
 @register_method("fora")
@@ -257,6 +289,8 @@ class Schedule:
     def __post_init__(self) -> None:
         _check_positive_int("num_steps", self.num_steps)
         if self.method not in _METHODS:
+            _load_builtin_methods()
+        if self.method not in _METHODS:
             raise ScheduleError(f"unknown schedule method {self.method!r}; known: {sorted(_METHODS)}")
         # Freeze params so the schedule is hashable and equal after a save/load round trip.
         object.__setattr__(self, "params", _FrozenDict(self.params))
@@ -318,6 +352,57 @@ class Schedule:
         )
         return cls(num_steps=len(frozen), method="explicit", steps=frozen, compensation=compensation)
 
+    @classmethod
+    def toca(
+        cls, num_steps: int, interval: int, fresh_ratio: Any, score: Any = "v_norm", *, seed: int = 0, compensation: Any = None
+    ) -> "Schedule":
+        """ToCa: full steps every ``interval``; other steps reuse attention and recompute each
+        MLP for the ``round(fresh_ratio × tokens)`` top-scoring tokens. ``fresh_ratio``: a number,
+        a per-block list or a [step][block] table; ``score``: ``v_norm``, ``attention``,
+        ``random``, ``staleness`` or a weighted sum (``"v_norm+0.25*staleness"``).
+        See :mod:`cachecompile.methods.dual`.
+
+        >>> Schedule.toca(4, 2, 0.25).step_kinds()
+        ['full', 'conservative', 'full', 'conservative']
+        """
+        from cachecompile.methods.dual import toca_schedule
+
+        return toca_schedule(num_steps, interval, fresh_ratio, score, seed=seed, compensation=compensation)
+
+    @classmethod
+    def duca(
+        cls,
+        num_steps: int,
+        interval: int,
+        fresh_ratio: Any,
+        score: Any = "v_norm",
+        aggressive_reuse: str = "output",
+        *,
+        seed: int = 0,
+        compensation: Any = None,
+    ) -> "Schedule":
+        """DuCa: ``s % interval == 0`` full; ``(s % interval)`` odd: conservative (a ToCa step);
+        even: aggressive, the whole block stack reused (``aggressive_reuse="output"``: its cached
+        output; ``"residual"``: this step's stack input + cached (output − input)).
+        See :mod:`cachecompile.methods.dual`.
+
+        >>> Schedule.duca(4, 4, 0.3).step_kinds()
+        ['full', 'conservative', 'aggressive', 'conservative']
+        """
+        from cachecompile.methods.dual import duca_schedule
+
+        return duca_schedule(
+            num_steps, interval, fresh_ratio, score, aggressive_reuse, seed=seed, compensation=compensation
+        )
+
+    def flops_ratio(self, model: Any, class_labels: Any, **sample_kwargs: Any) -> float:
+        """FLOPs of a whole uncached sampling run ÷ FLOPs of the same run under this schedule
+        (``torch.utils.flop_counter``, :func:`cachecompile.sampling.ddim_sample`): the speedup
+        limit of the schedule. See :func:`cachecompile.flops.flops_ratio`."""
+        from cachecompile.flops import flops_ratio
+
+        return flops_ratio(model, self, class_labels, **sample_kwargs)
+
     # ----------------------------------------------------------------- resolution
     def resolve(self, layout: Layout) -> list[StepPlan]:
         """Per-step plans for a model with this ``layout``. Raises :class:`ScheduleError` for
@@ -337,6 +422,8 @@ class Schedule:
         if self.compensation is not None:
             # A compensation turns some reuse actions into forecast actions (and may add state).
             rules = self.compensation.transform(rules, self, layout)
+        for transform in _RULE_TRANSFORMS:
+            rules = transform(rules, self, layout)
         return _plans_with_writes(rules)
 
     def step_kinds(self) -> list[str]:

@@ -12,5 +12,6 @@ import collections
 counters: collections.Counter = collections.Counter()
 
 from passes.pipeline import STEP_PASSES, build_step_graph, copy_graph_module  # noqa: E402
+import passes.families  # noqa: E402,F401  (registers the region defaults of every DiT family)
 
 __all__ = ["counters", "STEP_PASSES", "build_step_graph", "copy_graph_module"]

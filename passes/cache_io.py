@@ -49,7 +49,7 @@ def add_cache_input(gm: torch.fx.GraphModule, slot: str, like: torch.fx.Node) ->
     graph = gm.graph
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
-        ph = graph.placeholder("cache_" + slot.replace(".", "_").replace("#", "_"))
+        ph = graph.placeholder("cache_" + slot.replace(".", "_").replace("#", "_").replace("@", "_"))
     for key in ("val", "tensor_meta"):
         if key in like.meta:
             ph.meta[key] = like.meta[key]

@@ -9,7 +9,12 @@ import torch.fx
 
 from cachecompile.schedule import StepPlan
 from passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
+from passes.compensation import compensate
 from passes.dce import remove_dead_code
+from passes.noop_squeeze import remove_noop_squeezes
+from passes.partial_tokens import partial_tokens
+from passes.stack_reuse import stack_reuse
+from passes.token_scores import record_token_state
 from passes.regions import RegionMap
 
 __all__ = ["STEP_PASSES", "build_step_graph", "copy_graph_module"]
@@ -21,6 +26,11 @@ Pass = Callable[[torch.fx.GraphModule, RegionMap, StepPlan], torch.fx.GraphModul
 STEP_PASSES: list[Pass] = [
     insert_cache_writes,
     insert_cache_reads,
+    compensate,
+    record_token_state,  # before partial_tokens: a partial step may score by state recorded this step
+    partial_tokens,
+    stack_reuse,
+    remove_noop_squeezes,  # torch.onnx exports them as Squeezes that ONNX Runtime rejects
     lambda gm, regions, plan: remove_dead_code(gm),
     lambda gm, regions, plan: order_placeholders(gm),
 ]

@@ -44,10 +44,17 @@ class RegionPatterns:
 
     blocks: tuple[str, ...] = ("transformer_blocks.*",)
     branches: Mapping[str, str] = field(default_factory=lambda: {"attn": "attn1", "mlp": "ff"})
+    # Per block pattern, branches that replace ``branches`` for the blocks it matches (FLUX's
+    # single-stream blocks have other branches than its double-stream blocks).
+    block_branches: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def branches_for(self, block_pattern: str) -> Mapping[str, str]:
+        return self.block_branches.get(block_pattern, self.branches)
 
     def describe(self) -> str:
         br = ", ".join(f"{k}={v!r}" for k, v in self.branches.items())
-        return f"blocks={list(self.blocks)}, branches {{{br}}}"
+        extra = "".join(f", in {p!r} {dict(b)}" for p, b in self.block_branches.items())
+        return f"blocks={list(self.blocks)}, branches {{{br}}}{extra}"
 
 
 # Defaults per model family, by the model's class name; the fallback covers any model whose
@@ -133,6 +140,26 @@ class _Call:
     key: str
     path: str
     nodes: list[torch.fx.Node] = field(default_factory=list)
+    members: set = field(default_factory=set)
+
+
+# ``x.float()`` / ``x.to(dtype)`` / ``x.type_as(y)`` return ``x`` itself when nothing changes, so the
+# tracer records a node in the module that asked and later users of ``x`` read that node (Wan's
+# blocks call ``temb.float()``: block 1 reads block 0's node). Such an alias of an outside value
+# that is read outside the call belongs to no call: cached as a block output, it would go stale.
+_ALIAS_OPS = ("aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten.type_as.default", "aten.alias.default")
+
+
+def _is_alias_of_outside(node: torch.fx.Node, call: _Call) -> bool:
+    if node.op != "call_function" or str(node.target) not in _ALIAS_OPS or not node.args:
+        return False
+    src = node.args[0]
+    if not isinstance(src, torch.fx.Node) or src in call.members:
+        return False
+    a, b = node.meta.get("val"), src.meta.get("val")
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device):
+        return False
+    return any(call.key not in (u.meta.get("nn_module_stack") or {}) for u in node.users)
 
 
 def _module_calls(graph: torch.fx.Graph) -> dict[str, _Call]:
@@ -143,8 +170,12 @@ def _module_calls(graph: torch.fx.Graph) -> dict[str, _Call]:
             path = normalize_path(value[0] if isinstance(value, tuple) else str(value))
             if not path:
                 continue
-            calls.setdefault(key, _Call(key, path)).nodes.append(node)
-    return calls
+            call = calls.setdefault(key, _Call(key, path))
+            if _is_alias_of_outside(node, call):
+                continue
+            call.nodes.append(node)
+            call.members.add(node)
+    return {k: c for k, c in calls.items() if c.nodes}
 
 
 def _make_region(name: str, path: str, nodes: Sequence[torch.fx.Node]) -> Region:
@@ -170,8 +201,9 @@ def find_regions(gm: torch.fx.GraphModule, patterns: RegionPatterns | None = Non
     patterns = patterns or patterns_for(model_class.rsplit(".", 1)[-1])
     calls = _module_calls(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    block_res = [_glob_regex(p) for p in patterns.blocks]
-    blocks = [c for c in calls.values() if any(r.match(c.path) for r in block_res)]
+    block_res = [(p, _glob_regex(p)) for p in patterns.blocks]
+    group = {c.key: next((p for p, r in block_res if r.match(c.path)), None) for c in calls.values()}
+    blocks = [c for c in calls.values() if group[c.key] is not None]
     if not blocks:
         paths = sorted({c.path for c in calls.values()})
         raise RegionError(
@@ -191,7 +223,7 @@ def find_regions(gm: torch.fx.GraphModule, patterns: RegionPatterns | None = Non
     for i, block in enumerate(blocks):
         block_keys = {block.key}
         kinds = []
-        for kind, rel in patterns.branches.items():
+        for kind, rel in patterns.branches_for(group[block.key]).items():
             rx = _glob_regex(f"{block.path}.{rel}")
             # The branch call nested in this block's call (not a second call elsewhere).
             match = [c for c in calls.values() if rx.match(c.path) and _inside(c, block_keys)]

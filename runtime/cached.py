@@ -8,8 +8,11 @@ tensors, stores the tensors it writes, and rebuilds the model's own output type.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -20,6 +23,7 @@ from passes.cache_io import cache_io
 from passes.capture import Captured, capture
 from passes.regions import RegionMap, RegionPatterns, find_regions
 from runtime.cache_store import CacheStore
+from runtime.steps import StepClock, timestep_value
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,7 @@ class CachedTransformer(torch.nn.Module):
         *,
         backend: str = "eager",
         regions: RegionPatterns | None = None,
-        calls_per_step: int = 1,
+        calls_per_step: int | str = 1,
         backend_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -92,7 +96,9 @@ class CachedTransformer(torch.nn.Module):
         object.__setattr__(self, "_model", model)
         self.schedule = schedule
         self.backend = backend
-        self.calls_per_step = calls_per_step
+        # Counts calls into (step, call within step) and checks they fit the schedule (runtime.steps).
+        self._clock = StepClock(schedule.num_steps, calls_per_step)
+        self._context: Any = None  # the pipeline's cache_context name for the current call
         self._patterns = regions
         self._backend_options = dict(backend_options or {})
         self._captured: Captured | None = None
@@ -102,8 +108,12 @@ class CachedTransformer(torch.nn.Module):
         self._graph_of_step: list[int] = []
         self._graphs: list[torch.fx.GraphModule] = []
         self._runners: list[Runner] = []
+        # Per graph: its cache_io (slot names in/out, step inputs). A model loaded from an artifact
+        # (runtime.artifact) has these and the runners but no GraphModules, and carries its
+        # per-step input values in _step_values instead of asking the providers.
+        self._io: list[dict] = []
+        self._step_values: dict[str, list[torch.Tensor | None]] | None = None
         self._store = CacheStore()
-        self._calls = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -118,7 +128,13 @@ class CachedTransformer(torch.nn.Module):
     @property
     def step(self) -> int:
         """The step the next call belongs to."""
-        return self._calls // self.calls_per_step
+        return self._clock.next_step
+
+    @property
+    def calls_per_step(self) -> int | str:
+        """Transformer calls per sampling step: declared, or detected (``"auto"`` before step 1)."""
+        clock = self._clock
+        return clock.calls_per_step or clock.detected or clock.declared
 
     @property
     def cache_bytes(self) -> int:
@@ -153,6 +169,7 @@ class CachedTransformer(torch.nn.Module):
         ]
         self._captured, self.region_map, self.plans = captured, region_map, plans
         self._graph_of_step, self._graphs, self._runners = graph_of_step, graphs, runners
+        self._io = [cache_io(gm) for gm in graphs]
         self.step_graphs = dict(zip(distinct, graphs))
         self.reset()
         log.info("cachecompile: %d steps → %d step graphs (%s)", len(plans), len(graphs), self.backend)
@@ -168,8 +185,32 @@ class CachedTransformer(torch.nn.Module):
 
     def reset(self) -> None:
         """Start a new generation: the next call is step 0 and the cache is emptied."""
-        self._calls = 0
+        self._clock.reset()
         self._store.clear()
+
+    def begin_generation(self, num_steps: int | None = None) -> None:
+        """Pipeline hook: a generation of ``num_steps`` denoising steps starts now.
+
+        Raises :class:`~runtime.steps.StepMismatchError` (before any step runs) when
+        ``num_steps`` differs from the schedule's, then makes the next call step 0; the cache
+        buffers are kept. ``cc.optimize(pipe, schedule)`` makes the pipeline call it at the start
+        of every denoising loop; a hand-written loop may call it too::
+
+            cached.begin_generation(len(scheduler.timesteps))
+        """
+        self._clock.begin_generation(num_steps)
+        self._store.new_generation()
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """diffusers' ``CacheMixin.cache_context``: a pipeline names each call of a step
+        (``"cond"``, ``"uncond"``). The names check the calls per step (and detect them with
+        ``calls_per_step="auto"``); the original model is not touched."""
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
 
     # ------------------------------------------------------------------ calling
     def _tensor_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -209,25 +250,62 @@ class CachedTransformer(torch.nn.Module):
         cap = self._captured
         assert cap is not None
         tensors = self._tensor_inputs(args, kwargs)
-        step = self._calls // self.calls_per_step
-        call = self._calls % self.calls_per_step
+        t = self._timestep_of(args, kwargs)
+        pos = self._clock.locate(t, self._context)  # raises before anything runs when calls do not fit
+        step, call = pos.step, pos.call
         idx = self._graph_of_step[step]
-        io = cache_io(self._graphs[idx])
+        io = self._io[idx]
         cache_in = [self._store.read(call, slot) for slot in io["cache_inputs"]]
-        step_in = [step_input_value(self, step, name) for name in io["step_inputs"]]
+        values = self._step_values
+        step_in = [step_input_value(self, step, name) if values is None else values[name][step] for name in io["step_inputs"]]
         outs = self._runners[idx](*tensors, *cache_in, *step_in)
         n = cap.num_outputs
         for slot, value in zip(io["cache_outputs"], outs[n:]):
             self._store.write(call, slot, value)
-        self._calls += 1
-        if self._calls == len(self._graph_of_step) * self.calls_per_step:
-            self._calls = 0  # the next call starts a new generation
-            self._store.new_generation()
+        if self._clock.advance(pos, t, self._context):
+            self._store.new_generation()  # the next call starts a new generation
         return pytree.tree_unflatten(list(outs[:n]), cap.out_spec)
 
+    def _timestep_of(self, args: tuple, kwargs: dict) -> float | None:
+        """The call's timestep (first element), read to check the calls against the schedule."""
+        if "timestep" in kwargs:
+            return timestep_value(kwargs["timestep"])
+        meta = self._captured.meta if self._captured is not None else {}
+        idx = meta["timestep_arg"] if "timestep_arg" in meta else _positional_index(type(self._model), "timestep")
+        return timestep_value(args[idx]) if idx is not None and idx < len(args) else None
+
+    # ------------------------------------------------------------------ artifacts
+    def export(self, path: Any, format: str = "aoti", **options: Any) -> Any:
+        """Write the step graphs as a deployable directory (see :mod:`runtime.artifact`):
+        ``format`` is ``"aoti"``, ``"onnx"`` or ``"tensorrt"``; load it with ``cachecompile.load``.
+        The model must have been called once (or optimized with example inputs) first.
+
+        >>> cached.export("dit-fora3", format="onnx")   # doctest: +SKIP
+        """
+        from runtime.artifact import export_cached
+
+        return export_cached(self, path, format, **options)
+
+    @classmethod
+    def from_artifact(cls, path: Any, **options: Any) -> "CachedTransformer":
+        """Load a directory written by :meth:`export` (= ``cachecompile.load(path)``)."""
+        from runtime.artifact import load_artifact
+
+        return load_artifact(path, **options)
+
     def extra_repr(self) -> str:
-        state = f"{len(self._graphs)} step graphs" if self._captured is not None else "not captured yet"
+        state = f"{len(self._runners)} step graphs" if self._captured is not None else "not captured yet"
         return f"schedule={self.schedule!r}, backend={self.backend!r}, {state}"
+
+
+@functools.lru_cache(maxsize=None)
+def _positional_index(cls: type, name: str) -> int | None:
+    forward = getattr(cls, "forward", None)  # None for a model loaded from an artifact
+    try:
+        params = list(inspect.signature(forward).parameters)[1:]  # drop self
+    except (TypeError, ValueError):
+        return None
+    return params.index(name) if name in params else None
 
 
 def _describe_spec(args: tuple, kwargs: dict) -> str:

@@ -1,0 +1,137 @@
+"""The ``inductor`` backend: ``torch.compile(fullgraph=True)``, one compile per step graph.
+
+Why each setting:
+- ``fullgraph=True``: a graph break raises instead of splitting the step into eager pieces.
+- ``dynamic=False`` (default): step graphs have static shapes (partial recompute uses a
+  static k per plan), so a shape change is a bug, not a reason to compile a dynamic kernel.
+- ``recompile_limit=1`` with fullgraph: a guard failure (other shape, dtype, grad mode) raises
+  ``FailOnRecompileLimitHit`` instead of recompiling or silently falling back to eager.
+- ``isolate_recompiles=True``: every step graph is compiled through the same
+  ``nn.Module.__call__`` code object; isolation keeps one graph's entry from counting as a
+  recompile of another, so the compile count equals the number of step graphs.
+- calls run under ``torch.no_grad()``: grad mode is part of Dynamo's guards, and an inference
+  step graph must not build an autograd graph (or recompile when the caller's mode differs).
+  Inference-mode tensors (made under ``torch.inference_mode()``) carry other dispatch keys
+  than normal tensors, so they fail the guards of a graph warmed up on normal tensors: call
+  consistently, or pass ``warmup=False`` so that the first real call compiles.
+
+With ``mode="reduce-overhead"`` Inductor captures the step in a CUDA graph on a GPU. Its
+outputs then live in the graph's static memory and are overwritten by the next replay: the
+caller must copy cache writes into its own buffers (the runtime does) before the next step.
+On CPU the mode compiles but no CUDA graph is used; CUDA graphs were not run here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule
+
+from runtime.backends._common import (
+    BackendCompileError,
+    TensorSpec,
+    check_call_inputs,
+    graph_output_nodes,
+    graph_signature,
+)
+
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class InductorStep:
+    """A compiled step graph; the first call (made by ``compile``) did the compile."""
+
+    def __init__(self, compiled: Any, mode: str | None, inputs: list[TensorSpec]) -> None:
+        self._compiled = compiled
+        self._mark_step = mode == "reduce-overhead"
+        self._inputs = inputs
+
+    def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        if self._mark_step:
+            # Tells the CUDA-graph tree that outputs of the previous replay are consumed.
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            with torch.no_grad():
+                return self._compiled(*args)
+        except FailOnRecompileLimitHit as e:
+            raise BackendCompileError(self._why_recompile(args)) from e
+
+    def _why_recompile(self, args: Sequence[Tensor]) -> str:
+        """Name the cause: a shape/dtype change, or a tensor kind the guards distinguish."""
+        try:
+            check_call_inputs(args, self._inputs, "inductor step")
+        except ValueError as e:
+            return f"{e} (step graphs have static shapes: one compile per graph, no recompiles)"
+        kinds = sorted({"inference-mode" if t.is_inference() else "normal" for t in args})
+        return (
+            "inductor: the step graph would recompile for inputs of the right shapes and dtypes but "
+            f"another kind ({', '.join(kinds)} tensors, devices {sorted({str(t.device) for t in args})}) "
+            "than it was compiled for. Call the model the same way every time: under torch.no_grad() "
+            "rather than torch.inference_mode() (or compile with warmup=False, so that the first real "
+            "call compiles), with all inputs on one device"
+        )
+
+
+class InductorBackend:
+    """``compile`` only; Inductor has no file format of its own here (use ``aoti``)."""
+
+    name = "inductor"
+
+    def compile(
+        self,
+        gm: GraphModule,
+        example_inputs: Sequence[Tensor],
+        *,
+        mode: str | None = None,
+        dynamic: bool | None = False,
+        options: dict[str, Any] | None = None,
+        warmup: bool = True,
+        **unknown: Any,
+    ) -> InductorStep:
+        """Compile ``gm``; with ``warmup`` the compile happens here, on ``example_inputs``.
+
+        ``options`` are Inductor config options (``torch.compile(options=...)``); ``mode`` is
+        mutually exclusive with them, as in torch.compile.
+        """
+        if unknown:
+            raise TypeError(f"backend 'inductor' got unknown options {sorted(unknown)}")
+        if mode not in _MODES:
+            raise ValueError(f"inductor mode {mode!r} is not one of {_MODES}")
+        graph_output_nodes(gm)
+        inputs, _ = graph_signature(gm, example_inputs)
+        compiled = torch.compile(
+            gm,
+            backend="inductor",
+            fullgraph=True,
+            mode=mode,
+            dynamic=dynamic,
+            options=options,
+            recompile_limit=1,
+            isolate_recompiles=True,
+        )
+        step = InductorStep(compiled, mode, inputs)
+        if warmup:
+            _check_tuple(step(*example_inputs))
+        return step
+
+    def export(
+        self, gm: GraphModule, example_inputs: Sequence[Tensor], directory: Path, stem: str, **options: Any
+    ) -> dict[str, Any]:
+        raise NotImplementedError(
+            "backend 'inductor' compiles in memory and has no artifact format: export with "
+            "format='aoti' for AOTInductor packages"
+        )
+
+    def load(self, directory: Path, entry: dict[str, Any], **options: Any) -> InductorStep:
+        raise NotImplementedError("backend 'inductor' has no artifact format; load 'aoti' entries with get_backend('aoti')")
+
+
+def _check_tuple(out: Any) -> None:
+    if not isinstance(out, tuple):
+        raise BackendCompileError(f"inductor: compiled step returned {type(out).__name__}, expected a tuple")

@@ -1,0 +1,157 @@
+"""ONNX export of a step graph, shared by the ``onnxruntime`` and ``tensorrt`` backends.
+
+Cache tensors are ordinary graph inputs and outputs with explicit names: the ONNX exporter
+drops in-place buffer writes without a warning, so the cache never lives in a buffer.
+Opset 20 is the default because TensorRT 10.0's parser accepts opsets 9–20 (later 10.x up to
+24) and ONNX Runtime 1.17+ runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule
+
+from runtime.backends._common import BackendCompileError, TensorSpec
+
+DEFAULT_OPSET = 20
+# protobuf refuses messages over 2 GiB; stay well below it before moving weights out.
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class OnnxFile:
+    """What an export produced: the file, the opset, and the graph's I/O names in order."""
+
+    path: Path
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    external_data: bool
+
+
+def param_bytes(gm: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def export_onnx(
+    gm: torch.nn.Module,
+    example_inputs: Sequence[Tensor],
+    path: Path,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    *,
+    opset_version: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    optimize: bool = True,
+) -> OnnxFile:
+    """Export ``gm`` to ``path`` with the given I/O names; checks the model afterwards.
+
+    ``external_data=None`` keeps the weights inside the file unless they exceed 1 GiB, in
+    which case they go to ``<path>.data`` (ONNX Runtime and TensorRT's parser read both).
+    Symbolic dimensions of the inputs (``None`` in ``inputs``) are exported as dynamic.
+    """
+    import onnx
+
+    path = Path(path)
+    if external_data is None:
+        external_data = param_bytes(gm) > _EXTERNAL_DATA_BYTES
+    dims = torch.export.Dim.AUTO
+    dynamic = tuple({i: dims for i, s in enumerate(spec.shape) if s is None} or None for spec in inputs)
+    log = io.StringIO()
+    try:
+        # The exporter prints progress lines on stdout; keep them for the error message only.
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            # An ATen-level step graph has no train/eval-dependent modules left.
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            torch.onnx.export(
+                gm,
+                tuple(example_inputs),
+                str(path),
+                dynamo=True,
+                opset_version=opset_version,
+                input_names=[s.name for s in inputs],
+                output_names=[s.name for s in outputs],
+                dynamic_shapes=dynamic if any(d is not None for d in dynamic) else None,
+                external_data=external_data,
+                optimize=optimize,
+                verbose=False,
+            )
+    except Exception as e:
+        raise BackendCompileError(f"ONNX export of step graph to {path.name} failed: {e}\n{log.getvalue()}") from e
+    # check_model on a path also validates external data files.
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    in_names = [i.name for i in model.graph.input]
+    out_names = [o.name for o in model.graph.output]
+    _check_io_names(in_names, out_names, inputs, outputs, path)
+    return OnnxFile(path, opset, in_names, out_names, external_data)
+
+
+def _check_io_names(
+    in_names: list[str], out_names: list[str], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], path: Path
+) -> None:
+    """Outputs must come back exactly; an input may only be missing if the graph ignores it."""
+    if out_names != [s.name for s in outputs]:
+        raise BackendCompileError(f"{path.name}: ONNX outputs {out_names} differ from the step graph's {[s.name for s in outputs]}")
+    expected = [s.name for s in inputs]
+    if [n for n in expected if n in in_names] != in_names:
+        raise BackendCompileError(f"{path.name}: ONNX inputs {in_names} are not a subsequence of {expected}")
+
+
+def onnx_dtype(dtype: torch.dtype) -> int:
+    """The ``onnx.TensorProto`` element type of a torch dtype (IOBinding takes these ints)."""
+    import onnx
+
+    table = {
+        torch.float32: onnx.TensorProto.FLOAT,
+        torch.float16: onnx.TensorProto.FLOAT16,
+        torch.bfloat16: onnx.TensorProto.BFLOAT16,
+        torch.float64: onnx.TensorProto.DOUBLE,
+        torch.int64: onnx.TensorProto.INT64,
+        torch.int32: onnx.TensorProto.INT32,
+        torch.int16: onnx.TensorProto.INT16,
+        torch.int8: onnx.TensorProto.INT8,
+        torch.uint8: onnx.TensorProto.UINT8,
+        torch.bool: onnx.TensorProto.BOOL,
+    }
+    if dtype not in table:
+        raise TypeError(f"dtype {dtype} has no ONNX element type here")
+    return table[dtype]
+
+
+class CastedStep(torch.nn.Module):
+    """Runs a reduced-precision copy of a step graph behind float32 inputs and outputs.
+
+    For strongly typed TensorRT builds the precision must be in the ONNX graph itself; this
+    keeps the engine's I/O in the step graph's dtypes so the runtime's cache buffers do not
+    change, while every weight and activation inside is ``dtype``.
+    """
+
+    def __init__(self, gm: GraphModule, dtype: torch.dtype, io_dtypes: Sequence[torch.dtype]) -> None:
+        super().__init__()
+        import copy
+
+        self.inner = copy.deepcopy(gm).to(dtype)
+        self.dtype = dtype
+        self.io_dtypes = list(io_dtypes)
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        cast = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
+        outs = self.inner(*cast)
+        return tuple(o.to(d) if o.is_floating_point() else o for o, d in zip(outs, self.io_dtypes))
+
+
+def reduced_precision_module(gm: GraphModule, dtype: torch.dtype, outputs: Sequence[TensorSpec]) -> Any:
+    return CastedStep(gm, dtype, [s.torch_dtype for s in outputs])
+

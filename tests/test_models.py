@@ -1,0 +1,85 @@
+"""The shipped digits DiT and classifier: loading, config, a short generation, CFG accuracy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachecompile import quality as Q
+from cachecompile.models import DIGITS_CONFIG, digits_classifier, digits_dit, read_config
+from cachecompile.models.digits import WEIGHTS_DIR
+from cachecompile.sampling import ddim_sample
+
+# Measured on the shipped weights: see the report in the training config ("eval").
+MIN_SMALL_SAMPLE_ACCURACY = 0.8
+
+
+@pytest.fixture(scope="module")
+def dit() -> torch.nn.Module:
+    return digits_dit()
+
+
+def _sample(dit: torch.nn.Module, labels: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+    c = DIGITS_CONFIG
+    return ddim_sample(dit, labels, num_steps=steps, guidance_scale=2.0, null_class=c.null_class,
+                       sample_size=c.sample_size, in_channels=c.in_channels, seed=seed)
+
+
+def test_shipped_weights_are_small_package_data() -> None:
+    files = sorted(p.name for p in WEIGHTS_DIR.iterdir())
+    assert files == ["digits_classifier.safetensors", "digits_config.json", "digits_dit.safetensors"]
+    assert sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir()) < 6_000_000
+
+
+def test_dit_loads_in_eval_mode_with_the_documented_config(dit: torch.nn.Module) -> None:
+    from diffusers import DiTTransformer2DModel
+
+    assert isinstance(dit, DiTTransformer2DModel) and not dit.training
+    assert not any(p.requires_grad for p in dit.parameters())
+    assert all(p.dtype == torch.float32 for p in dit.parameters())
+    cfg = dit.config
+    assert (cfg.sample_size, cfg.in_channels, cfg.out_channels) == (16, 1, 1)  # learned sigma off
+    assert (cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim, cfg.patch_size) == (6, 128, 2)
+    assert cfg.num_embeds_ada_norm == DIGITS_CONFIG.num_classes == 10
+    # The 11th row of every label table is the null class.
+    table = dit.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert table.num_embeddings == DIGITS_CONFIG.null_class + 1
+    assert 2_000_000 < sum(p.numel() for p in dit.parameters()) < 2_300_000
+
+
+def test_digits_config_matches_diffusers_default_schedulers() -> None:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    c = DIGITS_CONFIG
+    assert (c.sample_size, c.in_channels, c.num_classes, c.null_class) == (16, 1, 10, 10)
+    assert c.value_range == (-1.0, 1.0) and c.prediction_type == "epsilon" and not c.learned_sigma
+    betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps)
+    for sched in (DDPMScheduler(), DDIMScheduler()):
+        assert sched.config.num_train_timesteps == c.num_train_timesteps
+        assert sched.config.beta_schedule == c.beta_schedule
+        assert torch.allclose(sched.betas, betas)
+    assert read_config()["digits"]["null_class"] == c.null_class
+
+
+def test_classifier_loads_in_eval_mode() -> None:
+    clf = digits_classifier()
+    assert not clf.training
+    assert clf(torch.zeros(3, 1, 16, 16)).shape == (3, 10)
+
+
+def test_short_generation_is_finite_in_range(dit: torch.nn.Module) -> None:
+    images = _sample(dit, torch.arange(8) % 10, steps=10)
+    assert images.shape == (8, 1, 16, 16)
+    assert torch.isfinite(images).all()
+    assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
+
+
+def test_generation_is_deterministic_given_the_seed(dit: torch.nn.Module) -> None:
+    labels = torch.tensor([1, 7])
+    assert torch.equal(_sample(dit, labels, 5, seed=4), _sample(dit, labels, 5, seed=4))
+
+
+def test_cfg_samples_are_recognised_as_the_requested_class(dit: torch.nn.Module) -> None:
+    labels = torch.arange(50) % 10
+    images = _sample(dit, labels, steps=25)
+    assert Q.class_accuracy(images, labels) >= MIN_SMALL_SAMPLE_ACCURACY
