@@ -323,8 +323,8 @@ def record_token_state(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepP
     return gm
 
 
-def _check_state_shape(node: torch.fx.Node, slot: str, batch: int, tokens: int) -> None:
-    shape = tuple(node.meta["val"].shape)
+def _check_state_shape(shape: tuple, slot: str, batch: int, tokens: int) -> None:
+    shape = tuple(int(d) for d in shape)
     if shape != (batch, tokens):
         raise TokenScoreError(
             f"{slot} has shape {shape} but the partial region has {batch} samples × {tokens} tokens "
@@ -351,11 +351,15 @@ def score_node(
     for name, weight in action.score:
         if name in _ATTENTION_STATE:
             attn = f"{block}.attn"
+            _, a = _sdpa(gm, regions[attn], name)
+            # The recorded state has one entry per attended token: check it against the partial
+            # region's tokens from the attention itself, since a cache read is typed from them.
+            value = a["value"].meta["val"]  # [B, H, N, d]
+            _check_state_shape((value.shape[0], value.shape[2]), state_slot(attn, name), batch, tokens)
             state = _state_node(gm, state_slot(attn, name), batch, tokens, device)
-            _check_state_shape(state, state_slot(attn, name), batch, tokens)
+            _check_state_shape(tuple(state.meta["val"].shape), state_slot(attn, name), batch, tokens)
             if name == "v_norm":
-                _, a = _sdpa(gm, regions[attn], name)
-                fn: Callable[..., Any] = functools.partial(v_norm_score, heads=int(a["value"].meta["val"].shape[1]))
+                fn: Callable[..., Any] = functools.partial(v_norm_score, heads=int(value.shape[1]))
             else:
                 fn = attention_score
             term = insert_function(gm, fn, [state], before)

@@ -110,3 +110,14 @@ def test_duca_matches_eager_reference(sd3):
     out = sample(partial, X0, kwargs, STEPS)
     assert torch.isfinite(out).all() and max_diff(out, got) > 1e-4
     assert mlp_rows(conservative_graph(partial), ".ff.") == {64 // 2}
+
+
+def test_value_norm_score_over_joint_attention_is_refused(sd3):
+    """Joint attention attends over image + text tokens (70) while the image MLP sees 64: the
+    v_norm score cannot rank the MLP's tokens, and says so when the step graph is built."""
+    from passes.token_scores import TokenScoreError
+
+    cached = cc.optimize(sd3, cc.Schedule.duca(STEPS, 3, 0.5, score="v_norm"))
+    with pytest.raises(TokenScoreError, match=r"shape \(2, 70\).*2 samples × 64 tokens.*score='random'"):
+        sample(cached, X0, kwargs, STEPS)
+    assert not cached.is_captured
