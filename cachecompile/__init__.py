@@ -31,7 +31,7 @@ _LAZY = {
     "GOC": "cachecompile.compensation",
     "EOC": "cachecompile.compensation",
     "Taylor": "cachecompile.compensation",
-    "calibrate": "cachecompile.calibrate",
+    "calibrate": "cachecompile.calibration",
     "load": "runtime.artifact",
     "ArtifactError": "runtime.backends",
 }

@@ -14,7 +14,7 @@ def _register_builtin() -> None:
     from cachecompile.bench import add_bench_arguments, bench_main
 
     COMMANDS["bench"] = (add_bench_arguments, bench_main, "cached vs uncached, eager vs compiled, on a sampling run")
-    from cachecompile.calibrate import add_calibrate_arguments, calibrate_main
+    from cachecompile.calibration import add_calibrate_arguments, calibrate_main
 
     COMMANDS["calibrate"] = (add_calibrate_arguments, calibrate_main, "calibrate GOC / EOC on the uncached model; writes the schedule")
     from cachecompile.export_cli import add_export_arguments, export_main

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -469,14 +467,3 @@ def calibrate_main(args: argparse.Namespace) -> int:
     print(cal.summary(args.cos_threshold, args.error_threshold))
     print(f"{out!r}\nwrote {args.out}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``cc.calibrate`` is this module once ``cachecompile.calibrate`` was imported (Python sets
-    the submodule attribute on the package); calling it calls :func:`calibrate`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
