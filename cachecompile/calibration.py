@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from cachecompile.compensation import EOC, GOC, Taylor
 from cachecompile.schedule import Schedule, ScheduleError
+from runtime.cached import HoldsModel
 
 __all__ = [
     "calibrate", "measure", "Calibration", "find_inflections", "DEFAULT_ERROR_THRESHOLD", "add_calibrate_arguments",
@@ -144,32 +145,18 @@ def _compact(per_region: Mapping[str, tuple[int, ...]]) -> str:
 # --------------------------------------------------------------------------- recording
 
 
-class _Recorder(torch.nn.Module):
+class _Recorder(HoldsModel):
     """Stands in for the model in a sampling loop: runs the captured graph with every reused
     region output exposed, and folds the features into running statistics."""
 
     def __init__(self, model: torch.nn.Module, schedule: Schedule, patterns: Any, calls_per_step: int, prior: str) -> None:
-        super().__init__()
-        object.__setattr__(self, "_model", model)  # held, not registered: the user's model stays as it is
+        super().__init__(model)
         self.schedule, self.patterns, self.calls_per_step, self.prior = schedule, patterns, calls_per_step, prior
         self.gm: Any = None
         self.calls = 0
         self.trajectories = 0
         self._state: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
-
-    @property
-    def model(self) -> torch.nn.Module:  # ddim_sample reads the device from .model
-        return self._model
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            model = self.__dict__.get("_model")
-            if model is None:
-                raise
-            return getattr(model, name)
 
     def _prepare(self, args: tuple, kwargs: dict) -> None:
         from passes.cache_io import add_cache_output

@@ -70,7 +70,31 @@ def check_backend(backend: str) -> None:
     get_backend(backend)
 
 
-class CachedTransformer(torch.nn.Module):
+class HoldsModel(torch.nn.Module):
+    """A stand-in for a model in a pipeline: holds the original model without registering it
+    (our ``state_dict`` and ``.to()`` stay ours; the model object itself is never modified) and
+    answers the attributes it lacks (``config``, ``dtype``, ``device`` ...) from that model."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The original model (unchanged)."""
+        return self._model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+
+class CachedTransformer(HoldsModel):
     """A transformer whose calls follow a cache schedule. Build it with :func:`cachecompile.optimize`.
 
     Attributes:
@@ -90,10 +114,7 @@ class CachedTransformer(torch.nn.Module):
         calls_per_step: int | str = 1,
         backend_options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        # The user's model is held, not registered: our state_dict and .to() stay ours, and the
-        # model object itself is never modified (the step graphs share its parameter tensors).
-        object.__setattr__(self, "_model", model)
+        super().__init__(model)  # the step graphs share the model's parameter tensors
         self.schedule = schedule
         self.backend = backend
         # Counts calls into (step, call within step) and checks they fit the schedule (runtime.steps).
@@ -117,11 +138,6 @@ class CachedTransformer(torch.nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def model(self) -> torch.nn.Module:
-        """The original model (unchanged)."""
-        return self._model
-
-    @property
     def is_captured(self) -> bool:
         return self._captured is not None
 
@@ -140,16 +156,6 @@ class CachedTransformer(torch.nn.Module):
     def cache_bytes(self) -> int:
         """Bytes held by the cache store now (after a generation: the steady-state size)."""
         return self._store.nbytes
-
-    def __getattr__(self, name: str) -> Any:
-        # Pipelines read transformer.config, .dtype, .device ...: answer from the original model.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            model = self.__dict__.get("_model")
-            if model is None:
-                raise
-            return getattr(model, name)
 
     # ------------------------------------------------------------------ building
     def prepare(self, *args: Any, **kwargs: Any) -> "CachedTransformer":
