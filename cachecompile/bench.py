@@ -13,7 +13,7 @@ FLOPs limit and against the peers.
 * the FLOPs ratio (uncached ÷ this configuration) from ``torch.utils.flop_counter``, counted per
   step on the eager equivalent (compiled code hides its ops), and **efficiency = speedup ÷ FLOPs
   ratio**, where the speedup is taken against the uncached model on the same backend;
-* peak memory during the timed runs, the cache size, graph breaks and recompiles (from
+* peak memory of a sampling run (its own untimed run), the cache size, graph breaks and recompiles (from
   ``torch._dynamo``), the difference from the uncached samples, and the quality harness's numbers
   when the model is the trained digits model.
 
@@ -301,11 +301,23 @@ def _proc_status_kb(key: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> None:
+    """Give freed heap pages back to the OS (glibc), so a run's peak RSS shows what it allocates
+    rather than what earlier runs left in the allocator's free lists."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakMemory:
     """Peak memory over a block, in MiB above what was in use when it began.
 
-    CUDA: ``max_memory_allocated``. Linux: peak RSS, reset through ``/proc/self/clear_refs``.
-    Elsewhere: the growth of the process's lifetime peak RSS (``ru_maxrss``), a lower bound.
+    CUDA: ``max_memory_allocated``. Linux: peak RSS after ``malloc_trim``, reset through
+    ``/proc/self/clear_refs``. Elsewhere: the growth of the process's lifetime peak RSS
+    (``ru_maxrss``), a lower bound. Trimming costs page faults: use it on an untimed run.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -318,6 +330,7 @@ class _PeakMemory:
             self.method = "cuda max_memory_allocated"
             return self
         try:
+            _malloc_trim()
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             self._base = _proc_status_kb("VmRSS")
             self.method = "peak RSS (VmHWM) above the RSS before"
@@ -487,6 +500,9 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
                 run.sample(built.fn)
             timer = _PerStep(built.fn, run.bm.model)
             run.sample(timer)
+            with _PeakMemory(run.device) as mem:  # its own run: trimming the heap costs time
+                run.sample(built.fn)
+            row.peak_memory_mb, row.info["memory"] = mem.mb, mem.method
             if run.quality_samples and run.bm.trained:
                 from cachecompile import quality as Q
 
@@ -519,28 +535,24 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
 def _time_interleaved(run: _Run, prepared: list[tuple[Row, Built]], progress: bool) -> None:
     """The timed runs, round-robin over the configurations: on a machine whose speed drifts
     (other jobs, thermal limits) every configuration sees the same drift, so the ratios between
-    rows stay fair. Fills ``runs``, ``seconds``, ``compile_seconds`` and the peak memory."""
+    rows stay fair. Fills ``runs``, ``seconds`` and ``compile_seconds``."""
     order = [(r, b) for _ in range(run.repeats) for r, b in prepared]
     bar = _progress(order, progress, "timed runs")
-    peaks: dict[int, float] = {}
     for row, built in bar:
         if row.status != "ok":
             continue
         snap = _dynamo_snapshot()
         try:
-            with torch.no_grad(), _PeakMemory(run.device) as mem:
+            with torch.no_grad():
                 row.runs.append(run.timed(built.fn)[0])
         except Exception as e:  # noqa: BLE001
             row.status, row.reason = "failed", f"in a timed run: {_first_line(e)}"
             continue
         _add_dynamo_delta(row, snap)
-        peaks[id(row)] = max(peaks.get(id(row), float("-inf")), mem.mb)
-        row.info["memory"] = mem.method
     for row, _ in prepared:
         if row.status == "ok":
             row.seconds = statistics.median(row.runs)
             row.compile_seconds = row.prepare_seconds + max(0.0, row.first_run_seconds - row.seconds)
-            row.peak_memory_mb = peaks[id(row)]
 
 
 def _finish(run: _Run, row: Row, kinds: list[str] | None) -> None:
@@ -837,11 +849,14 @@ def _why_steps(row: dict, other: dict | None = None) -> str:
     if not full or not others or not full["mean_gflops"]:
         return ""
     return "; ".join(
-        f"a {k} step takes {v['mean_ms'] / full['mean_ms']:.0%} of a full step's time for "
-        f"{v['mean_gflops'] / full['mean_gflops']:.0%} of its FLOPs ({v['mean_ms']:.1f} vs {full['mean_ms']:.1f} ms): "
-        f"the rest is work caching does not remove and per-op overhead"
+        f"{k} steps take {_pct(v['mean_ms'] / full['mean_ms'])} of a full step's time for "
+        f"{_pct(v['mean_gflops'] / full['mean_gflops'])} of its FLOPs ({v['mean_ms']:.1f} vs {full['mean_ms']:.1f} ms)"
         for k, v in others
-    )
+    ) + " (per-step times from one untimed run): the difference is work that caching does not remove and per-op overhead"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if x < 0.1 else f"{x:.0%}"
 
 
 def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -955,7 +970,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"| {r['graph_breaks']} / {r['recompiles']} | {_f(r['peak_memory_mb'], '.0f')} | {_f(r['cache_mb'], '.2f')} "
             f"| {r['max_abs_diff']:.1e} | {r['rel_l1']:.4f} | {_quality_cell(r['quality'])} |"
         )
-    lines += ["", "Per-step time by step kind (mean ms, number of steps):", "",
+    lines += ["", "Per-step time by step kind (mean ms, number of steps; one untimed run with a timer around each call):", "",
               "| implementation | schedule | backend | per step |", "|---|---|---|---|"]
     for r in result["rows"]:
         if r["status"] == "ok":
@@ -992,7 +1007,10 @@ markdown_table = markdown_report
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="digits (default when its weights ship), dit-s2, tiny, or module:attr")
-    p.add_argument("--schedule", nargs="+", default=["fora:2", "fora:3"], help="presets (fora:3 ...) or .json files")
+    p.add_argument("--schedule", nargs="+", default=None,
+                   help="presets (fora:3 ...) or .json files (default: fora:2 fora:3; with --quality: every preset)")
+    p.add_argument("--quality", action="store_true",
+                   help="the quality report on the trained digits model: every preset vs uncached (cachecompile.quality_report)")
     p.add_argument("--backend", nargs="+", default=["eager"], help="eager, inductor, aoti, onnxruntime, tensorrt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=2, help="images per run (the CFG batch is twice this)")
@@ -1016,6 +1034,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_main(args: argparse.Namespace) -> int:
     from cachecompile import peers as P
+
+    if args.quality:
+        from cachecompile.quality_report import quality_main
+
+        return quality_main(args)
+    args.schedule = args.schedule or ["fora:2", "fora:3"]
 
     model = args.model or default_model_name()
     if args.threads is not None:
