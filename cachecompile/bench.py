@@ -424,6 +424,7 @@ class _Run:
     quality_labels: torch.Tensor | None = None
     flops_memo: dict[str, list[int]] = field(default_factory=dict)
     baselines: dict[str, Row] = field(default_factory=dict)
+    compile_cache_root: str | None = None  # set: every configuration compiles with empty Inductor caches
 
     def sample(self, fn: Any, progress: bool = False, labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
         return ddim_sample(
@@ -491,7 +492,7 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
     # never count as another's recompiles and all compiled models stay alive for the timed runs.
     snap = _dynamo_snapshot()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _fresh_compile_cache(run.compile_cache_root):
             t0 = time.perf_counter()
             built = cfg.build()
             row.prepare_seconds = time.perf_counter() - t0
@@ -532,6 +533,20 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
     return row, built, out
 
 
+def _fresh_compile_cache(root: str | None) -> Any:
+    """Empty Inductor caches (in memory and on disk) for one configuration, so its compile time
+    is cold and owes nothing to kernels an earlier row or an earlier process compiled."""
+    import contextlib
+
+    if root is None:
+        return contextlib.nullcontext()
+    try:
+        from torch._inductor.utils import fresh_cache
+    except ImportError:  # private API; without it compile times may be warm
+        return contextlib.nullcontext()
+    return fresh_cache(dir=root, delete=False)
+
+
 def _time_interleaved(run: _Run, prepared: list[tuple[Row, Built]], progress: bool) -> None:
     """The timed runs, round-robin over the configurations: on a machine whose speed drifts
     (other jobs, thermal limits) every configuration sees the same drift, so the ratios between
@@ -552,6 +567,7 @@ def _time_interleaved(run: _Run, prepared: list[tuple[Row, Built]], progress: bo
     for row, _ in prepared:
         if row.status == "ok":
             row.seconds = statistics.median(row.runs)
+            row.info["min_seconds"] = min(row.runs)
             row.compile_seconds = row.prepare_seconds + max(0.0, row.first_run_seconds - row.seconds)
 
 
@@ -730,7 +746,9 @@ def run_bench(
 
     ``peers`` names peers from :data:`cachecompile.peers.PEERS` (compiled too when ``inductor``
     is among ``backends``); ``quality_samples`` defaults to 64 on the trained digits model, 0
-    otherwise; ``cold_compile`` turns Inductor's on-disk caches off so compile times are cold.
+    otherwise; ``cold_compile`` gives every configuration empty Inductor caches (a fresh cache
+    directory, in-memory caches cleared, FX-graph and AOTAutograd caches off), so that compile
+    times are cold and comparable between rows.
     """
     from cachecompile import peers as P
 
@@ -754,9 +772,13 @@ def run_bench(
     for p in peers:
         if p not in P.PEERS:
             raise SystemExit(f"unknown peer {p!r}: use {', '.join(P.PEERS)}")
+    cache_root = None
     if cold_compile:
+        import tempfile
+
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
+        cache_root = tempfile.mkdtemp(prefix="cachecompile-bench-inductor-")
     from torch._dynamo.utils import set_compilation_metrics_limit
 
     set_compilation_metrics_limit(1_000_000)  # count every recompile, not the last 64
@@ -768,6 +790,7 @@ def run_bench(
         quality_samples = 64 if bm.trained else 0
     run = _Run(bm, steps, batch, guidance_scale, repeats, warmup, progress, quality_samples, dev)
     run.labels = torch.arange(batch) % bm.num_classes
+    run.compile_cache_root = cache_root
     # The exact arguments of ddim_sample's first call (shapes, dtypes and strides: its timestep
     # is an expanded, stride-0 tensor), for preparing (capturing, compiling) before the first run.
     run.example_kwargs = _first_call_kwargs(run)
@@ -792,6 +815,10 @@ def run_bench(
                 run.reference = out  # every other row is compared with these samples
         prepared.append((row, built))
     _time_interleaved(run, prepared, progress)
+    if cache_root is not None:
+        import shutil
+
+        shutil.rmtree(cache_root, ignore_errors=True)  # loaded kernels stay mapped
     rows = [row for row, _ in prepared]
     for cfg, row in zip(configs, rows):
         _finish(run, row, cfg.step_kinds)
