@@ -1,7 +1,14 @@
-"""The cache store: preallocated tensors, one per (call within step, cache slot).
+"""The cache store: one tensor per (call within step, cache slot).
 
-Written in place (``copy_``) so their addresses never change across steps: CUDA graphs
-(``mode="reduce-overhead"``) and TensorRT bindings can capture them.
+Two ways to keep a written value:
+
+- by reference (default): the step graph's output tensor itself is kept. Step graphs return
+  fresh tensors, so this costs nothing; copying would add a full pass over every cached
+  activation to each computing step (36 MiB per full step on the DiT-S/2 shape).
+- in place (``in_place=True``): values are copied (``copy_``) into buffers preallocated on
+  the first write, so their addresses never change across steps. Needed when a runner reuses
+  its output memory on the next call (CUDA graphs: ``mode="reduce-overhead"``), and for
+  anything that captures the cache's addresses.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ __all__ = ["CacheStore"]
 
 
 class CacheStore:
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
+        self.in_place = in_place
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
         self._written: set[tuple[int, str]] = set()  # slots written in this generation
 
@@ -25,8 +33,11 @@ class CacheStore:
         return self._buffers[(call, slot)]
 
     def write(self, call: int, slot: str, value: torch.Tensor) -> None:
+        """Keep ``value`` for ``slot``; by reference the caller must not mutate it afterwards."""
         buf = self._buffers.get((call, slot))
-        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+        if not self.in_place:
+            self._buffers[(call, slot)] = value.detach()
+        elif buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
             self._buffers[(call, slot)] = value.detach().clone()
         else:
             buf.copy_(value)

@@ -176,6 +176,8 @@ class CachedTransformer(HoldsModel):
         self._captured, self.region_map, self.plans = captured, region_map, plans
         self._graph_of_step, self._graphs, self._runners = graph_of_step, graphs, runners
         self._io = [cache_io(gm) for gm in graphs]
+        # CUDA-graph runners overwrite their outputs on the next call: copy cache writes then.
+        self._store.in_place = any(getattr(r, "reuses_outputs", False) for r in runners)
         self.step_graphs = dict(zip(distinct, graphs))
         self.reset()
         log.info("cachecompile: %d steps → %d step graphs (%s)", len(plans), len(graphs), self.backend)
@@ -266,7 +268,10 @@ class CachedTransformer(HoldsModel):
         step_in = [step_input_value(self, step, name) if values is None else values[name][step] for name in io["step_inputs"]]
         outs = self._runners[idx](*tensors, *cache_in, *step_in)
         n = cap.num_outputs
+        shared = None if self._store.in_place else _storages(tensors, outs[:n])
         for slot, value in zip(io["cache_outputs"], outs[n:]):
+            if shared is not None and _storage(value) in shared:
+                value = value.clone()  # kept by reference: must not alias what the caller holds
             self._store.write(call, slot, value)
         if self._clock.advance(pos, t, self._context):
             self._store.new_generation()  # the next call starts a new generation
@@ -302,6 +307,15 @@ class CachedTransformer(HoldsModel):
     def extra_repr(self) -> str:
         state = f"{len(self._runners)} step graphs" if self._captured is not None else "not captured yet"
         return f"schedule={self.schedule!r}, backend={self.backend!r}, {state}"
+
+
+def _storage(t: Any) -> int | None:
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+def _storages(inputs: list[torch.Tensor], outputs: Any) -> set[int]:
+    """Storages of the caller's input tensors and of the outputs handed back to it."""
+    return {_storage(t) for t in (*inputs, *outputs) if isinstance(t, torch.Tensor)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -116,7 +116,8 @@ def _ema_update(ema: nn.Module, model: nn.Module, step: int, max_decay: float) -
 
 
 class TimestepLossNormalizer:
-    """Weights each sample by the inverse running mean of the loss in its timestep bin.
+    """Weights each sample by the running mean of the loss in its timestep bin, raised to
+    ``-power`` (``power=1``: every bin carries the same relative loss; ``0``: plain MSE).
 
     Why: with a uniform epsilon loss the high-noise steps (MSE ~5e-4) carry almost no weight
     next to the low-noise ones (~0.2-0.6), but their small epsilon errors are amplified by
@@ -125,10 +126,12 @@ class TimestepLossNormalizer:
     high noise, more so the more steps are taken (measured: 0.98 / 0.72 / 0.27 accuracy at
     25 / 50 / 100 DDIM steps with uniform weighting). Equalising the relative loss across bins
     (like EDM's learned per-noise-level weighting) fixes the cause instead of the sampler.
+    Fully equalised (power 1) the low-noise bins starve instead: x0 error at t=50 is 2.6x
+    that of plain MSE and samples stay grainy; the default power 0.5 sits between the two.
     """
 
-    def __init__(self, num_timesteps: int, bins: int = 20, decay: float = 0.98) -> None:
-        self.num_timesteps, self.bins, self.decay = num_timesteps, bins, decay
+    def __init__(self, num_timesteps: int, bins: int = 20, decay: float = 0.98, power: float = 0.5) -> None:
+        self.num_timesteps, self.bins, self.decay, self.power = num_timesteps, bins, decay, power
         self.ema = torch.ones(bins)
 
     def weights(self, t: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
@@ -137,7 +140,7 @@ class TimestepLossNormalizer:
         with torch.no_grad():
             for k in b.unique().tolist():
                 self.ema[k] = self.decay * self.ema[k] + (1 - self.decay) * per_sample[b == k].mean()
-        w = 1.0 / self.ema[b]
+        w = self.ema[b] ** -self.power
         return w / w.mean()
 
 
@@ -171,7 +174,7 @@ def zero_init(model: nn.Module) -> None:
 
 def train_dit(seed: int, steps: int, out: Path, batch: int = 128, lr: float = 5e-4,
               warmup: int = 100, ema_decay: float = 0.999, log_every: int = 25,
-              ckpt_every: int = 400) -> tuple[nn.Module, nn.Module, dict]:
+              ckpt_every: int = 400, weight_power: float = 0.5) -> tuple[nn.Module, nn.Module, dict]:
     """Train the DiT for a fixed number of steps; return (ema model, raw model, record)."""
     torch.manual_seed(seed)
     model = D.build_dit()
@@ -185,7 +188,7 @@ def train_dit(seed: int, steps: int, out: Path, batch: int = 128, lr: float = 5e
     g = torch.Generator().manual_seed(seed + 2)
     x, y = D.load_digits_images("all")
     acp = _alphas_cumprod()
-    norm = TimestepLossNormalizer(D.DIGITS_CONFIG.num_train_timesteps)
+    norm = TimestepLossNormalizer(D.DIGITS_CONFIG.num_train_timesteps, power=weight_power)
     perm, pos = torch.randperm(len(y), generator=g), 0
     log = (out / "train_log.jsonl").open("w")
     t0, run_loss = time.time(), None
@@ -220,7 +223,7 @@ def train_dit(seed: int, steps: int, out: Path, batch: int = 128, lr: float = 5e
     rec = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, lr_schedule="linear warmup, cosine to 10%",
                ema_decay=ema_decay, weight_decay=0.01, grad_clip=1.0, optimizer="AdamW",
                final_mse_smoothed=round(run_loss, 5), init="adaLN-Zero (zero_init)",
-               loss_weighting="inverse running mean MSE per timestep bin (20 bins, decay 0.98)",
+               loss_weighting=f"running mean MSE per timestep bin ** -{weight_power} (20 bins, decay 0.98)",
                final_bin_mse=[float(f"{v:.3g}") for v in norm.ema.tolist()], seconds=round(elapsed, 1),
                seconds_per_step=round(elapsed / steps, 3), augmentation="none")
     return ema, model, rec
@@ -245,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"converted to steps at a fixed {SECONDS_PER_STEP} s/step when --steps is absent")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-power", type=float, default=0.5,
+                   help="per-timestep-bin loss weight = (running bin MSE) ** -power; 0 = plain MSE")
     p.add_argument("--probe", type=int, default=0, help="only time this many DiT steps, write nothing")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -258,14 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     clf, clf_rec = train_classifier(a.seed)
     print(json.dumps({"classifier": clf_rec}), flush=True)
     _save(clf, a.out / D.CLASSIFIER_WEIGHTS)
-    ema, raw, dit_rec = train_dit(a.seed, steps, a.out, batch=a.batch, lr=a.lr)
+    ema, raw, dit_rec = train_dit(a.seed, steps, a.out, batch=a.batch, lr=a.lr, weight_power=a.weight_power)
     _save(ema, a.out / D.DIT_WEIGHTS)
     _save(raw, a.out / "digits_dit_raw.safetensors", half=False)
     cfg = dict(
         digits=D.config_dict(),
         dit=D.dit_config(),
         classifier=dict(width=clf.width, feature_dim=clf.feature_dim, num_classes=clf.num_classes),
-        training=dict(seed=a.seed, command=f"python -m cachecompile.zoo.train_digits --out DIR --seed {a.seed} --steps {steps}",
+        training=dict(seed=a.seed, command=f"python -m cachecompile.zoo.train_digits --out DIR --seed {a.seed} --steps {steps}"
+                      f" --weight-power {a.weight_power}",
                       torch=torch.__version__, threads=1, dit=dit_rec, classifier=clf_rec,
                       weights_dtype="float16 (loaded as float32)", dit_weights="EMA"),
     )

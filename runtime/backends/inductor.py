@@ -9,6 +9,9 @@ Why each setting:
 - ``isolate_recompiles=True``: every step graph is compiled through the same
   ``nn.Module.__call__`` code object; isolation keeps one graph's entry from counting as a
   recompile of another, so the compile count equals the number of step graphs.
+- inputs are made contiguous before every call (a no-op for contiguous tensors): strides are
+  part of Dynamo's guards, and pipelines pass the timestep both expanded (stride 0, e.g.
+  ``DiTPipeline``) and materialised; one layout means one compile, whichever the caller uses.
 - calls run under ``torch.no_grad()``: grad mode is part of Dynamo's guards, and an inference
   step graph must not build an autograd graph (or recompile when the caller's mode differs).
   Inference-mode tensors (made under ``torch.inference_mode()``) carry other dispatch keys
@@ -48,6 +51,8 @@ class InductorStep:
     def __init__(self, compiled: Any, mode: str | None, inputs: list[TensorSpec]) -> None:
         self._compiled = compiled
         self._mark_step = mode == "reduce-overhead"
+        # CUDA graphs (reduce-overhead; max-autotune on GPU) replay into the same output memory.
+        self.reuses_outputs = mode in ("reduce-overhead", "max-autotune")
         self._inputs = inputs
 
     def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
@@ -56,6 +61,7 @@ class InductorStep:
         if self._mark_step:
             # Tells the CUDA-graph tree that outputs of the previous replay are consumed.
             torch.compiler.cudagraph_mark_step_begin()
+        args = tuple(_contiguous(a) for a in args)
         try:
             with torch.no_grad():
                 return self._compiled(*args)
@@ -130,6 +136,10 @@ class InductorBackend:
 
     def load(self, directory: Path, entry: dict[str, Any], **options: Any) -> InductorStep:
         raise NotImplementedError("backend 'inductor' has no artifact format; load 'aoti' entries with get_backend('aoti')")
+
+
+def _contiguous(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _check_tuple(out: Any) -> None:

@@ -33,10 +33,14 @@ def test_fora_cached_step_has_no_attention_or_mlp(dit):
     full, cached = build_step_graph(cap.gm, rm, plans[0]), build_step_graph(cap.gm, rm, plans[1])
     assert sum(n.target == SDPA for n in full.graph.nodes) == 3
     assert sum(n.target == SDPA for n in cached.graph.nodes) == 0
-    # no linear of attn1 or ff survives; the adaLN linears (gates) and the output head do
+    # no linear of attn1 or ff survives; the adaLN linears do, narrowed to the two gates (chunks
+    # 2 and 5 of 6: gate_msa, gate_mlp), and the output head
     paths = _linear_paths(cached)
     assert not [p for p in paths if ".attn1" in p or ".ff" in p]
-    assert sum(".norm1.linear" in p for p in paths) == 3
+    assert sum(".norm1.linear" in p for p in paths) == 2 * 3
+    d = dit.config.num_attention_heads * dit.config.attention_head_dim
+    rows = {tuple(n.args[1].args[2:]) for n in cached.graph.nodes if n.target == LINEAR and n.args[1].op == "call_function"}
+    assert rows == {(2 * d, 3 * d), (5 * d, 6 * d)}
     assert "proj_out_2" in paths
     branch_nodes = set().union(*(rm[r].nodes for r in rm.layout.branch_regions()))
     assert not [n.name for n in cached.graph.nodes if n.name in branch_nodes]
