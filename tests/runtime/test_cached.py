@@ -146,3 +146,42 @@ def test_bad_arguments_to_optimize(dit):
         cc.optimize(dit, cc.Schedule.fora(4, 2), calls_per_step=0)
     with pytest.raises(TypeError, match="already optimized"):
         cc.optimize(cc.optimize(dit, cc.Schedule.fora(4, 2)), cc.Schedule.fora(4, 2))
+
+
+def test_cache_store_keeps_references_or_copies_in_place():
+    from runtime.cache_store import CacheStore
+
+    value = torch.randn(2, 3)
+    by_ref = CacheStore()
+    by_ref.write(0, "s", value)
+    assert by_ref.read(0, "s").data_ptr() == value.data_ptr()  # no copy of the step graph's output
+    in_place = CacheStore(in_place=True)
+    in_place.write(0, "s", value)
+    buf = in_place.read(0, "s")
+    assert buf is not value and torch.equal(buf, value)
+    in_place.write(0, "s", value * 2)
+    assert in_place.read(0, "s") is buf and torch.equal(buf, value * 2)  # same address, new value
+
+
+def test_cache_writes_never_alias_what_the_caller_holds(dit):
+    """A step graph may hand back a cache value that is also a user output (or input); kept by
+    reference it would change when the caller mutates that tensor in place."""
+    from tests.conftest import dit_inputs
+
+    cached = cc.optimize(dit, cc.Schedule.fora(4, 2))
+    inputs = dit_inputs()
+    cached.prepare(**inputs)
+    assert cached._captured.num_outputs == 1
+    full = cached._graph_of_step[0]
+    runner, slot = cached._runners[full], cached._io[full]["cache_outputs"][0]
+    handed_out = []
+
+    def aliasing_runner(*args):  # returns its first cache write as the user output too
+        outs = runner(*args)
+        handed_out.append(outs[1])
+        return (outs[1], *outs[1:])
+
+    cached._runners[full] = aliasing_runner
+    cached(**inputs)
+    kept = cached._store.read(0, slot)
+    assert kept.data_ptr() != handed_out[0].data_ptr() and torch.equal(kept, handed_out[0])
