@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 
 import cachecompile as cc
+from cachecompile.flops import flop_counter
 from cachecompile.methods.dual import schedule_from_spec
 from cachecompile.sampling import ddim_sample
 
@@ -269,26 +270,6 @@ class _PerStep:
         _sync(device)
         self.values.append(time.perf_counter() - t0)
         return out
-
-
-def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def flop_counter() -> Any:
-    """``FlopCounterMode`` that also counts attention on CPU.
-
-    torch 2.13's counter knows the CUDA attention kernels but not
-    ``aten._scaled_dot_product_flash_attention_for_cpu``: without this mapping every attention
-    product (4·B·T²·d per block) is missing from the count on CPU.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    mapping = {cpu_sdpa: _cpu_sdpa_flops} if cpu_sdpa is not None else {}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _proc_status_kb(key: str) -> int | None:
@@ -1062,6 +1043,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def bench_main(args: argparse.Namespace) -> int:
     from cachecompile import peers as P
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.quality:
         from cachecompile.quality_report import quality_main
 
@@ -1069,10 +1054,6 @@ def bench_main(args: argparse.Namespace) -> int:
     args.schedule = args.schedule or ["fora:2", "fora:3"]
 
     model = args.model or default_model_name()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
     peers = None if args.peers is None else (args.peers or P.peer_names())
     result = run_bench(
         model, args.schedule, args.backend, steps=args.steps, batch=args.batch, guidance_scale=args.cfg,

@@ -89,19 +89,26 @@ def plot_step_times(result: dict[str, Any], path: str | Path) -> Path:
     kinds: list[str] = []
     for r in rows:
         kinds += [k for k in r["per_kind"] if k not in kinds]
-    height = 0.8 / max(len(kinds), 1)
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) * max(len(kinds), 1) + 1.5))
+    fig, ax = plt.subplots(figsize=(10.5, 0.42 * len(rows) + 1.6))
     cmap = plt.get_cmap("tab10")
-    for j, kind in enumerate(kinds):
-        ys = [i + j * height for i, r in enumerate(rows) if kind in r["per_kind"]]
-        xs = [r["per_kind"][kind]["mean_ms"] for r in rows if kind in r["per_kind"]]
-        ax.barh(ys, xs, height=height, color=cmap(j), label=kind)
-    ax.set_yticks([i + height * (len(kinds) - 1) / 2 for i in range(len(rows))])
+    labelled: set[str] = set()
+    for i, r in enumerate(rows):  # each row splits its band among its own step kinds
+        own = [k for k in kinds if k in r["per_kind"]]
+        h = 0.8 / len(own)
+        for j, kind in enumerate(own):
+            ms = r["per_kind"][kind]["mean_ms"]
+            ax.barh(i - 0.4 + (j + 0.5) * h, ms, height=h, color=cmap(kinds.index(kind)),
+                    label=None if kind in labelled else kind)
+            ax.annotate(f"{ms:.1f}", (ms, i - 0.4 + (j + 0.5) * h), fontsize=6, va="center",
+                        xytext=(2, 0), textcoords="offset points")
+            labelled.add(kind)
+    ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([_label(r) for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("mean time per step (ms)")
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean time per step (ms, log scale)")
     ax.set_title(f"{result['model']}: per-step time by step kind")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

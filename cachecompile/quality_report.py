@@ -144,10 +144,14 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "speedup", "measured speedup (eager, CPU)"), (axes[1], "flops_ratio", "FLOPs ratio")):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [(metric, ylabel, key, xlabel)
+              for metric, ylabel in (("fid", "FID analogue vs real digits (lower is better)"),
+                                     ("rel_l1", "rel-L1 vs the uncached samples (lower is better)"))
+              for key, xlabel in (("speedup", "measured speedup (eager, CPU)"), ("flops_ratio", "FLOPs ratio"))]
+    for ax, (metric, ylabel, key, xlabel) in zip(axes.flat, panels):
         xs = [r[key] for r in rows]
-        ys = [r["fid"] for r in rows]
+        ys = [r[metric] for r in rows]
         ax.scatter(xs, ys)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r["schedule"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -155,8 +159,8 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
         front = sorted((x, y) for x, y in zip(xs, ys) if not any(x2 >= x and y2 < y or x2 > x and y2 <= y for x2, y2 in zip(xs, ys)))
         if front:
             ax.plot(*zip(*front), "--", alpha=0.6)
-        ax.set_xlabel(label)
-        ax.set_ylabel("FID analogue (lower is better)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("digits DiT: quality against speed")
     fig.tight_layout()

@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cachecompile as cc
+from cachecompile.flops import flop_counter
 from cachecompile.methods.dual import Partial, ReuseResidual, toca_profile
 from cachecompile.sampling import ddim_sample
 from cachecompile.schedule import REUSE, Layout, ScheduleError
@@ -151,7 +152,7 @@ def test_flops_ratio_of_a_whole_run(dit, labels, sample_kwargs):
     inputs = dit_inputs(batch=4)
 
     def flops(fn):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with flop_counter() as counter, torch.no_grad():
             fn()
         return counter.get_total_flops()
 
@@ -343,3 +344,10 @@ def test_a_saved_schedule_loads_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == repr(schedule)
+
+
+def test_flop_counter_counts_attention_on_cpu():
+    q = k = v = torch.randn(2, 3, 8, 4)  # [B, heads, T, d]
+    with flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 8 * 8 * 4)  # QKᵀ and AV

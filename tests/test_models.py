@@ -10,8 +10,9 @@ from cachecompile.models import DIGITS_CONFIG, digits_classifier, digits_dit, re
 from cachecompile.models.digits import WEIGHTS_DIR
 from cachecompile.sampling import ddim_sample
 
-# Measured on the shipped weights: see the report in the training config ("eval").
-MIN_SMALL_SAMPLE_ACCURACY = 0.8
+# The bar, at the quality report's setting (50 DDIM steps, CFG 2, seed 0) on 100 of its
+# samples: measured 0.93 on the shipped weights (0.945 on the report's 200).
+MIN_ACCURACY = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def test_generation_is_deterministic_given_the_seed(dit: torch.nn.Module) -> Non
 
 
 def test_cfg_samples_are_recognised_as_the_requested_class(dit: torch.nn.Module) -> None:
-    labels = torch.arange(50) % 10
-    images = _sample(dit, labels, steps=25)
-    assert Q.class_accuracy(images, labels) >= MIN_SMALL_SAMPLE_ACCURACY
+    labels = torch.arange(100) % 10
+    images = _sample(dit, labels, steps=50)
+    correct = (Q.classifier_logits(images, digits_classifier()).argmax(1) == labels).sum().item()
+    assert correct >= MIN_ACCURACY * len(labels)

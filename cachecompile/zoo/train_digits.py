@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m cachecompile.zoo.train_digits --out DIR --seed 0 --steps 1400
+    python -m cachecompile.zoo.train_digits --out DIR --seed 0 --steps 2000   # the shipped weights
     python -m cachecompile.zoo.train_digits --out DIR --seed 0 --minutes 28   # = fixed step count
 
 The run is defined by its step count, never by wall time: ``--minutes`` is converted to steps
