@@ -58,10 +58,10 @@ def _candidate(lin: torch.fx.Node) -> tuple[torch.fx.Node, int, dict[int, list[t
     out = _val(lin)
     if out is None or chunk.args[0] is not lin:
         return None
-    n = chunk.args[1]
+    n = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
     dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
     features = out.shape[-1]
-    if dim not in (-1, out.dim() - 1) or not isinstance(features, int) or features % n:
+    if not isinstance(n, int) or dim not in (-1, out.dim() - 1) or not isinstance(features, int) or features % n:
         return None
     used: dict[int, list[torch.fx.Node]] = {}
     for user in chunk.users:

@@ -43,6 +43,16 @@ class CacheStore:
             buf.copy_(value)
         self._written.add((call, slot))
 
+    def write_all(self, call: int, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Write one step's values. In place, a value that is itself one of the store's buffers (a
+        step graph passing a cache input through to another slot) is cloned first, so that the
+        copies made before it cannot change it."""
+        if self.in_place:
+            held = {b.untyped_storage().data_ptr() for b in self._buffers.values()}
+            items = [(s, v.clone() if v.untyped_storage().data_ptr() in held else v) for s, v in items]
+        for slot, value in items:
+            self.write(call, slot, value)
+
     def new_generation(self) -> None:
         """Forget what was written (values of the last generation must never be read) but keep
         the buffers, so their addresses stay stable across generations."""

@@ -268,11 +268,11 @@ class CachedTransformer(HoldsModel):
         step_in = [step_input_value(self, step, name) if values is None else values[name][step] for name in io["step_inputs"]]
         outs = self._runners[idx](*tensors, *cache_in, *step_in)
         n = cap.num_outputs
-        shared = None if self._store.in_place else _storages(tensors, outs[:n])
-        for slot, value in zip(io["cache_outputs"], outs[n:]):
-            if shared is not None and _storage(value) in shared:
-                value = value.clone()  # kept by reference: must not alias what the caller holds
-            self._store.write(call, slot, value)
+        writes = list(zip(io["cache_outputs"], outs[n:]))
+        if not self._store.in_place:  # kept by reference: must not alias what the caller holds
+            shared = _storages(tensors, outs[:n])
+            writes = [(slot, v.clone() if _storage(v) in shared else v) for slot, v in writes]
+        self._store.write_all(call, writes)
         if self._clock.advance(pos, t, self._context):
             self._store.new_generation()  # the next call starts a new generation
         return pytree.tree_unflatten(list(outs[:n]), cap.out_spec)

@@ -161,6 +161,9 @@ def test_cache_store_keeps_references_or_copies_in_place():
     assert buf is not value and torch.equal(buf, value)
     in_place.write(0, "s", value * 2)
     assert in_place.read(0, "s") is buf and torch.equal(buf, value * 2)  # same address, new value
+    # a step that passes slot s through to slot t while writing a new s (a history queue)
+    in_place.write_all(0, [("s", value * 3), ("t", buf)])
+    assert torch.equal(in_place.read(0, "t"), value * 2) and torch.equal(in_place.read(0, "s"), value * 3)
 
 
 def test_cache_writes_never_alias_what_the_caller_holds(dit):
