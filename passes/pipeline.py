@@ -10,6 +10,7 @@ import torch.fx
 from cachecompile.schedule import StepPlan
 from passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
 from passes.compensation import compensate
+from passes.cse import merge_common_subexpressions
 from passes.dce import remove_dead_code
 from passes.narrow_linear import narrow_chunked_linears
 from passes.noop_squeeze import remove_noop_squeezes
@@ -24,7 +25,7 @@ Pass = Callable[[torch.fx.GraphModule, RegionMap, StepPlan], torch.fx.GraphModul
 
 # Order matters: writes must name region outputs before reads cut them off; compensation and
 # partial recompute passes slot in between (they read both), dead code removal runs last
-# (followed only by passes that need to see what is dead: linear narrowing).
+# (followed only by passes that work on what is left: linear narrowing, merging repeats).
 STEP_PASSES: list[Pass] = [
     insert_cache_writes,
     insert_cache_reads,
@@ -35,13 +36,14 @@ STEP_PASSES: list[Pass] = [
     remove_noop_squeezes,  # torch.onnx exports them as Squeezes that ONNX Runtime rejects
     lambda gm, regions, plan: remove_dead_code(gm),
     narrow_chunked_linears,  # after dead code removal: only the chunks still read are computed
+    merge_common_subexpressions,  # repeated timestep embeddings, embedders copied into every block
     lambda gm, regions, plan: order_placeholders(gm),
 ]
 
 
 def register_step_pass(fn: Pass, before: Pass | None = None) -> None:
     """Insert a pass into :data:`STEP_PASSES` (before ``before``, default: before dead code removal)."""
-    idx = STEP_PASSES.index(before) if before is not None else len(STEP_PASSES) - 3
+    idx = STEP_PASSES.index(before) if before is not None else len(STEP_PASSES) - 4
     STEP_PASSES.insert(idx, fn)
 
 

@@ -49,6 +49,18 @@ def _analytic_block_flops(batch: int) -> int:
     return projections + attention + mlp
 
 
+def _skipped_adaln_flops(batch: int) -> int:
+    """adaLN linear chunks a FORA cached step does not compute: 4 of 6 (only the gates are read)."""
+    d = TINY_DIT["num_attention_heads"] * TINY_DIT["attention_head_dim"]
+    return 2 * batch * d * (4 * d)
+
+
+def _repeated_embedder_flops(batch: int) -> int:
+    """DiT's output head calls block 0's timestep embedder MLP again; step graphs compute it once."""
+    d = TINY_DIT["num_attention_heads"] * TINY_DIT["attention_head_dim"]
+    return 2 * batch * (256 * d + d * d)
+
+
 def test_json_has_every_field_and_survives_a_round_trip(result):
     assert json.loads(json.dumps(result)) == result
     for key in ("model", "steps", "cfg_batch", "repeats", "torch", "machine", "rows", "targets", "load_average"):
@@ -77,8 +89,9 @@ def test_flops_ratio_of_fora2_matches_the_analytic_ratio(result):
     base = _row(result, "uncached", "none")
     fora = _row(result, "cachecompile")
     full_step = base["flops"] / STEPS
-    cached_steps = STEPS // 2
-    skipped = cached_steps * TINY_DIT["num_layers"] * _analytic_block_flops(2 * BATCH)
+    cached_steps, layers = STEPS // 2, TINY_DIT["num_layers"]
+    skipped = cached_steps * layers * (_analytic_block_flops(2 * BATCH) + _skipped_adaln_flops(2 * BATCH))
+    skipped += STEPS * _repeated_embedder_flops(2 * BATCH)
     analytic = STEPS * full_step / (STEPS * full_step - skipped)
     assert fora["flops_ratio"] == pytest.approx(analytic, rel=0.03)
     # The attention products are counted on CPU too (torch's counter misses the CPU kernel).
@@ -105,13 +118,13 @@ def test_cachecompile_row_is_fora_with_two_graphs_and_no_graph_breaks(result):
     assert row["step_graphs"] == 2
     assert row["graph_breaks"] == 0 and row["recompiles"] == 0
     assert row["cache_mb"] > 0
-    # Both implement FORA: same samples. Same FLOPs but for the adaLN linears: on cached steps
-    # the step graph computes only the 2 gate chunks of 6 (passes/narrow_linear.py).
+    # Both implement FORA: same samples. Same FLOPs but for the adaLN linears (on cached steps the
+    # step graph computes only the 2 gate chunks of 6: passes/narrow_linear.py) and the output
+    # head's repeat of block 0's embedder (computed once: passes/cse.py).
     assert row["max_abs_diff"] == pytest.approx(hand["max_abs_diff"], abs=1e-4)
-    d = TINY_DIT["num_attention_heads"] * TINY_DIT["attention_head_dim"]
     cached_steps, layers = STEPS // 2, TINY_DIT["num_layers"]
-    skipped_adaln = cached_steps * layers * 2 * (2 * BATCH) * d * (4 * d)
-    assert hand["flops"] - row["flops"] == skipped_adaln
+    expected = cached_steps * layers * _skipped_adaln_flops(2 * BATCH) + STEPS * _repeated_embedder_flops(2 * BATCH)
+    assert hand["flops"] - row["flops"] == expected
 
 
 def test_targets_and_report_name_every_checked_configuration(result):
