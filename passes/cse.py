@@ -50,7 +50,8 @@ def _equal_parameters(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.
             continue
         flat = t.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64]  # equal tensors have equal samples
-        key = (tuple(t.shape), t.dtype, t.device, sample.cpu().numpy().tobytes())
+        raw = sample.contiguous().view(torch.uint8).cpu().numpy().tobytes()  # any dtype (bf16, fp8)
+        key = (tuple(t.shape), t.dtype, t.device, raw)
         for other, u in groups.get(key, []):
             if u is t or torch.equal(u, t):
                 rep[node] = other

@@ -51,3 +51,25 @@ def test_distinct_weights_are_not_merged(dit):
         # every block keeps its own embedder MLP; the output head's call of block 0's is merged
         assert len(_embedder_linears(gm)) == 2 * layers
         assert sum(n.target == SIN for n in gm.graph.nodes) == 1
+
+
+def test_parameters_are_compared_by_value_in_any_dtype():
+    from passes.capture import capture
+    from passes.cse import merge_common_subexpressions
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(4, 4).to(torch.bfloat16) for _ in range(3))
+            with torch.no_grad():
+                self.b.load_state_dict(self.a.state_dict())  # b is an equal copy of a; c differs
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + self.c(x)
+
+    m = Two().eval()
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    gm = merge_common_subexpressions(capture(m, (x,)).gm)
+    gm.recompile()
+    assert sum(n.target == LINEAR for n in gm.graph.nodes) == 2
+    assert torch.equal(gm(x)[0], m(x))
