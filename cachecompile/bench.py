@@ -46,7 +46,7 @@ import torch
 import cachecompile as cc
 from cachecompile.flops import flop_counter
 from cachecompile.methods.dual import schedule_from_spec
-from cachecompile.sampling import ddim_sample
+from cachecompile.sampling import ddim_sample, first_call_kwargs
 
 __all__ = [
     "BenchModel",
@@ -407,12 +407,14 @@ class _Run:
     baselines: dict[str, Row] = field(default_factory=dict)
     compile_cache_root: str | None = None  # set: every configuration compiles with empty Inductor caches
 
+    def sample_kwargs(self) -> dict[str, Any]:
+        """ddim_sample's settings of this run (all but labels, seed and progress)."""
+        return dict(num_steps=self.steps, guidance_scale=self.guidance_scale, null_class=self.bm.null_class,
+                    sample_size=self.bm.sample_size, in_channels=self.bm.in_channels)
+
     def sample(self, fn: Any, progress: bool = False, labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-        return ddim_sample(
-            fn, self.labels if labels is None else labels, num_steps=self.steps, guidance_scale=self.guidance_scale,
-            null_class=self.bm.null_class, sample_size=self.bm.sample_size, in_channels=self.bm.in_channels,
-            seed=seed, progress=progress and self.progress,
-        )
+        return ddim_sample(fn, self.labels if labels is None else labels, seed=seed,
+                           progress=progress and self.progress, **self.sample_kwargs())
 
     def timed(self, fn: Any, progress: bool = False) -> tuple[float, torch.Tensor]:
         _sync(self.device)
@@ -426,27 +428,6 @@ class _Run:
         assert self.quality_labels is not None
         chunks = self.quality_labels.split(self.batch)
         return torch.cat([self.sample(fn, labels=c, seed=1000 + i) for i, c in enumerate(chunks)])
-
-
-class _FirstCall(Exception):
-    pass
-
-
-def _first_call_kwargs(run: _Run) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    class Recorder(_PerStep):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            if args:
-                raise TypeError("ddim_sample calls the transformer with keywords only")
-            seen.update(kwargs)
-            raise _FirstCall
-
-    try:
-        run.sample(Recorder(run.bm.model, run.bm.model))
-    except _FirstCall:
-        pass
-    return seen
 
 
 def _step_flops(run: _Run, cfg: Config, built: Built) -> list[int]:
@@ -774,7 +755,7 @@ def run_bench(
     run.compile_cache_root = cache_root
     # The exact arguments of ddim_sample's first call (shapes, dtypes and strides: its timestep
     # is an expanded, stride-0 tensor), for preparing (capturing, compiling) before the first run.
-    run.example_kwargs = _first_call_kwargs(run)
+    run.example_kwargs = first_call_kwargs(run.bm.model, run.labels, **run.sample_kwargs())
     if quality_samples:
         n = math.ceil(quality_samples / batch) * batch
         run.quality_labels = torch.arange(n) % bm.num_classes

@@ -19,7 +19,7 @@ import torch
 
 import cachecompile as cc
 from cachecompile import quality as Q
-from cachecompile.sampling import ddim_sample
+from cachecompile.sampling import ddim_sample, first_call_kwargs
 
 __all__ = ["DEFAULT_SCHEDULES", "build_schedule", "run_quality_report", "quality_markdown"]
 
@@ -71,16 +71,6 @@ def _generate(model: Any, labels: torch.Tensor, steps: int, cfg: float, seed: in
     return images, time.perf_counter() - t0
 
 
-def _prepare(cached: Any, samples: int) -> None:
-    """Capture and rewrite for the CFG batch that :func:`ddim_sample` will pass."""
-    from cachecompile.models import DIGITS_CONFIG as C
-
-    b = 2 * samples
-    cached.prepare(hidden_states=torch.zeros(b, C.in_channels, C.sample_size, C.sample_size),
-                   timestep=torch.zeros(1, dtype=torch.int64).expand(b),
-                   class_labels=torch.zeros(b, dtype=torch.int64), return_dict=False)
-
-
 def run_quality_report(
     schedules: list[str] | None = None, *, samples: int = 200, steps: int = 50, cfg: float = 2.0, seed: int = 0,
     progress: bool = True,
@@ -112,7 +102,7 @@ def run_quality_report(
         schedule = build_schedule(spec, steps, num_blocks)
         cached = cc.optimize(model, schedule)
         with torch.no_grad():
-            _prepare(cached, len(labels))  # capture + rewrite, untimed
+            cached.prepare(**first_call_kwargs(model, labels, **small))  # capture + rewrite, untimed
             out, seconds = _generate(cached, labels, steps, cfg, seed)
         ratio = flops_ratio(model, schedule, labels[:2], **small)
         rows.append({"schedule": spec, "speedup": base_seconds / seconds, "flops_ratio": ratio, "seconds": seconds,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ddim_sample"]
+__all__ = ["ddim_sample", "first_call_kwargs"]
 
 
 def ddim_sample(
@@ -59,6 +59,38 @@ def ddim_sample(
             eps = uncond + guidance_scale * (cond - uncond)
             x = scheduler.step(eps, t, x).prev_sample
     return x
+
+
+class _FirstCall(Exception):
+    pass
+
+
+class _Recorder:
+    """Stands in for the transformer: records the first call's keywords, then stops the loop."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.kwargs = model, {}
+
+    def parameters(self):  # ddim_sample takes the device from here
+        return _parameters(self.model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError("ddim_sample calls the transformer with keywords only")
+        self.kwargs.update(kwargs)
+        raise _FirstCall
+
+
+def first_call_kwargs(transformer: Any, class_labels: torch.Tensor, **sample_kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments :func:`ddim_sample` passes to ``transformer`` at its first call
+    (same shapes, dtypes, strides and device), without running it: what a cached transformer
+    must be prepared (captured, compiled) with before the first real run."""
+    recorder = _Recorder(transformer)
+    try:
+        ddim_sample(recorder, class_labels, **sample_kwargs)
+    except _FirstCall:
+        pass
+    return recorder.kwargs
 
 
 def _parameters(m: Any):

@@ -8,10 +8,22 @@ that turns a captured graph into the step graph of one :class:`~cachecompile.sch
 from __future__ import annotations
 
 import collections
+from typing import Any
+
+import torch.fx
 
 counters: collections.Counter = collections.Counter()
+
+
+def attr_value(gm: torch.nn.Module, node: torch.fx.Node) -> Any:
+    """The object a ``get_attr`` node reads: ``gm.<target>`` along its dotted path."""
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
 
 from passes.pipeline import STEP_PASSES, build_step_graph, copy_graph_module  # noqa: E402
 import passes.families  # noqa: E402,F401  (registers the region defaults of every DiT family)
 
-__all__ = ["counters", "STEP_PASSES", "build_step_graph", "copy_graph_module"]
+__all__ = ["attr_value", "counters", "STEP_PASSES", "build_step_graph", "copy_graph_module"]

@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from cachecompile.schedule import StepPlan
-from passes import counters
+from passes import attr_value, counters
 from passes.regions import RegionMap
 
 log = logging.getLogger(__name__)
@@ -32,20 +32,13 @@ log = logging.getLogger(__name__)
 __all__ = ["merge_common_subexpressions"]
 
 
-def _tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, torch.Tensor) else None
-
-
 def _equal_parameters(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
     """get_attr node → the first get_attr node whose tensor is equal to it (itself if none)."""
     rep: dict[torch.fx.Node, torch.fx.Node] = {}
     groups: dict[tuple, list[tuple[torch.fx.Node, torch.Tensor]]] = {}
     for node in gm.graph.find_nodes(op="get_attr"):
-        t = _tensor(gm, node)
-        if t is None:
+        t = attr_value(gm, node)
+        if not isinstance(t, torch.Tensor):
             rep[node] = node
             continue
         flat = t.detach().reshape(-1)

@@ -20,7 +20,7 @@ The original full-token nodes lose their users and are removed by dead code remo
 Example (``dit`` a diffusers DiT)::
 
     import cachecompile as cc
-    from passes import counters
+    from passes import attr_value, counters
     cached = cc.optimize(dit, cc.Schedule.toca(50, 3, fresh_ratio=0.25))
     cached(**inputs)                     # first call: capture, rewrite, run
     counters["partial_tokens"]           # one per block of each partial step plan
@@ -37,7 +37,7 @@ import torch.fx
 
 from cachecompile.methods.dual import tokens_to_recompute
 from cachecompile.schedule import StepPlan
-from passes import counters
+from passes import attr_value, counters
 from passes.cache_io import add_cache_input, add_cache_output
 from passes.regions import Region, RegionError, RegionMap
 from passes.token_scores import insert_function, refresh_vals, score_node, update_staleness
@@ -151,17 +151,10 @@ def _check_node(gm: torch.fx.GraphModule, region: Region, node: torch.fx.Node, t
     for a in operands:
         if a in tokenwise:
             continue
-        val = a.meta.get("val") if a.op != "get_attr" else _param(gm, a)
+        val = a.meta.get("val") if a.op != "get_attr" else attr_value(gm, a)
         if a.op == "get_attr" and isinstance(val, torch.Tensor) and val.dim() <= 1:
             continue  # per-channel parameter, broadcast over tokens
         raise _refuse(region, node, f"combines tokens with {a.name!r}, which is not per token or per channel")
-
-
-def _param(gm: torch.fx.GraphModule, node: torch.fx.Node) -> object:
-    obj: object = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _shape(node: torch.fx.Node) -> object:

@@ -55,7 +55,7 @@ import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from cachecompile.schedule import StepPlan
-from passes import counters
+from passes import attr_value, counters
 from passes.cache_io import add_cache_input, add_cache_output, add_step_input, cache_io
 from passes.regions import Region, RegionError, RegionMap
 
@@ -188,10 +188,7 @@ def refresh_vals(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> No
     def val(a: torch.fx.Node) -> Any:
         if a.op == "get_attr":
             if a.target not in params:
-                obj = gm
-                for part in str(a.target).split("."):
-                    obj = getattr(obj, part)
-                params[a.target] = mode.from_tensor(obj)
+                params[a.target] = mode.from_tensor(attr_value(gm, a))
             return params[a.target]
         v = a.meta.get("val")
         if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
