@@ -44,7 +44,15 @@ from passes.token_scores import insert_function, refresh_vals, score_node, updat
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PartialTokensError", "partial_tokens", "check_tokenwise", "top_tokens", "gather_tokens", "scatter_tokens"]
+__all__ = [
+    "PartialTokensError",
+    "partial_tokens",
+    "sink_token_scatters",
+    "check_tokenwise",
+    "top_tokens",
+    "gather_tokens",
+    "scatter_tokens",
+]
 
 aten = torch.ops.aten
 
@@ -233,3 +241,81 @@ def partial_tokens(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan)
         counters["partial_tokens"] += 1
         log.debug("partial %s: %d of %d tokens per sample", name, k, tokens)
     return gm
+
+
+# --------------------------------------------------------------------------- after dead writes
+
+_SCATTER = torch.ops.aten.scatter.src
+_GATHER = torch.ops.aten.gather.default
+_SINK_THROUGH = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.div.Tensor)
+
+
+def _sinkable(gm: torch.fx.GraphModule, scatter: torch.fx.Node) -> torch.fx.Node | None:
+    """The one elementwise user of a token scatter that is not a graph output, if every other
+    operand either broadcasts over tokens or has the scatter's shape (then it is gathered)."""
+    if scatter.target != _SCATTER or scatter.args[1] != 1 or len(scatter.users) != 1:
+        return None
+    (user,) = scatter.users
+    shape = scatter.meta["val"].shape
+    if user.target not in _SINK_THROUGH or user.kwargs or user.meta["val"].shape != shape:
+        return None
+    if user.meta["val"].dtype != scatter.meta["val"].dtype:
+        return None
+    for a in user.args:
+        if a is scatter or not isinstance(a, torch.fx.Node):
+            continue
+        v = a.meta.get("val")
+        if not isinstance(v, torch.Tensor) or v.dim() > len(shape):
+            return None
+        token_axis = 1 - (len(shape) - v.dim())  # broadcasting aligns from the right
+        if v.shape != shape and token_axis >= 0 and v.shape[token_axis] != 1:
+            return None  # neither the scatter's shape nor broadcast over tokens
+    return user
+
+
+def sink_token_scatters(gm: torch.fx.GraphModule) -> int:
+    """Move a partial recompute's scatter below the elementwise ops that consume it.
+
+    ``h = gate * scatter(cache, idx, rows) + x`` becomes ``scatter(gate * cache + x, idx,
+    gate * rows + gather(x, idx))``: the same arithmetic per element, but the all-token pass
+    reads the cache once and writes ``h`` once, instead of first copying the cache into an
+    updated one that is then read again. Only where the updated cache is not itself a graph
+    output (a cache write no step reads is dropped first: :mod:`passes.dead_writes`).
+    Returns how many elementwise ops the scatters moved below.
+    """
+    moved = 0
+    work = [n for n in gm.graph.nodes if n.target == _SCATTER]
+    while work:
+        scatter = work.pop()
+        user = _sinkable(gm, scatter)
+        if user is None:
+            continue
+        base, _, index, rows = scatter.args
+        shape = scatter.meta["val"].shape
+        new: list[torch.fx.Node] = []
+        with gm.graph.inserting_before(user):
+            row_args = []
+            for a in user.args:
+                if a is scatter:
+                    row_args.append(rows)
+                elif isinstance(a, torch.fx.Node) and a.meta["val"].shape == shape:
+                    new.append(gm.graph.call_function(_GATHER, (a, 1, index)))
+                    row_args.append(new[-1])
+                else:
+                    row_args.append(a)
+            new.append(gm.graph.call_function(user.target, tuple(base if a is scatter else a for a in user.args)))
+            all_tokens = new[-1]
+            new.append(gm.graph.call_function(user.target, tuple(row_args)))
+            new_rows = new[-1]
+            new.append(gm.graph.call_function(_SCATTER, (all_tokens, 1, index, new_rows)))
+        moved_scatter = new[-1]
+        for n in new:
+            n.meta["nn_module_stack"] = user.meta.get("nn_module_stack", {})
+        refresh_vals(gm, new)
+        user.replace_all_uses_with(moved_scatter)
+        gm.graph.erase_node(user)
+        gm.graph.erase_node(scatter)
+        work.append(moved_scatter)
+        moved += 1
+    counters["scatters_sunk"] += moved
+    return moved

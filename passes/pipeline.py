@@ -12,14 +12,15 @@ from passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, o
 from passes.compensation import compensate
 from passes.cse import merge_common_subexpressions
 from passes.dce import remove_dead_code
+from passes.dead_writes import drop_dead_cache_writes
 from passes.narrow_linear import narrow_chunked_linears
 from passes.noop_squeeze import remove_noop_squeezes
-from passes.partial_tokens import partial_tokens
+from passes.partial_tokens import partial_tokens, sink_token_scatters
 from passes.stack_reuse import stack_reuse
 from passes.token_scores import record_token_state
 from passes.regions import RegionMap
 
-__all__ = ["STEP_PASSES", "build_step_graph", "copy_graph_module"]
+__all__ = ["STEP_PASSES", "build_step_graph", "copy_graph_module", "finish_step_graphs"]
 
 Pass = Callable[[torch.fx.GraphModule, RegionMap, StepPlan], torch.fx.GraphModule]
 
@@ -72,3 +73,16 @@ def build_step_graph(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPla
     step.graph.lint()
     step.recompile()
     return step
+
+
+def finish_step_graphs(graphs: list[torch.fx.GraphModule], graph_of_step: list[int]) -> None:
+    """The passes that need the whole schedule, run once all step graphs are built (in place):
+    cache writes no later step reads are dropped (:mod:`passes.dead_writes`), and a partial
+    recompute's scatter whose result is then no longer a cache write moves below the
+    elementwise ops that consume it (:func:`passes.partial_tokens.sink_token_scatters`)."""
+    drop_dead_cache_writes(graphs, graph_of_step)
+    for gm in graphs:
+        if sink_token_scatters(gm):
+            remove_dead_code(gm)
+            gm.graph.lint()
+            gm.recompile()

@@ -18,7 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from cachecompile.schedule import Schedule, StepPlan
-from passes import build_step_graph
+from passes import build_step_graph, finish_step_graphs
 from passes.cache_io import cache_io
 from passes.capture import Captured, capture
 from passes.regions import RegionMap, RegionPatterns, find_regions
@@ -170,6 +170,7 @@ class CachedTransformer(HoldsModel):
         distinct: dict[StepPlan, int] = {}
         graph_of_step = [distinct.setdefault(p, len(distinct)) for p in plans]
         graphs = [build_step_graph(captured.gm, region_map, p) for p in distinct]
+        finish_step_graphs(graphs, graph_of_step)  # schedule-wide: dead cache writes, then what they free
         runners = [
             _lower(self.backend, gm, self._example_inputs(captured, gm), self._backend_options) for gm in graphs
         ]

@@ -189,6 +189,25 @@ def test_bad_input_fails_before_running_with_what_to_use(kwargs, message):
         run_bench(MODEL, steps=2, repeats=1, progress=False, **kwargs)
 
 
+def test_dit_s2_carries_one_embedder_copied_into_every_block_and_the_untied_variant_does_not():
+    from cachecompile.bench import load_bench_model
+
+    def embedders_equal(model) -> list[bool]:
+        first = model.transformer_blocks[0].norm1.emb.state_dict()
+        return [all(torch.equal(v, first[k]) for k, v in b.norm1.emb.state_dict().items()) for b in model.transformer_blocks[1:]]
+
+    tied, untied = load_bench_model("dit-s2").model, load_bench_model("dit-s2-untied").model
+    assert len(tied.transformer_blocks) == 12 and tied.config.num_attention_heads * tied.config.attention_head_dim == 384
+    assert all(embedders_equal(tied))
+    assert not any(embedders_equal(untied))
+    # copies, as a converted checkpoint holds them, not one shared parameter
+    assert tied.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.weight is not \
+        tied.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1.weight
+    # everything but the embedders is the same random init
+    for (k, a), b in zip(tied.state_dict().items(), untied.state_dict().values()):
+        assert torch.equal(a, b) or ".norm1.emb." in k
+
+
 def _synthetic(efficiency: float, compile_s: float) -> dict:
     base = dict(impl="uncached", schedule="none", backend="inductor", status="ok", reason="", compile_seconds=10.0,
                 per_kind={}, mask=None, method="")

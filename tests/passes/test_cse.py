@@ -5,6 +5,7 @@ import copy
 import torch
 
 import cachecompile as cc
+from cachecompile.bench import tie_block_embedders
 from cachecompile.sampling import ddim_sample
 from passes import counters
 from tests.conftest import dit_inputs, fora_reference
@@ -20,10 +21,7 @@ def _embedder_linears(gm):
 def _converted_checkpoint(dit):
     """Like diffusers' conversion of the original DiT: one embedder copied into every block."""
     shared = copy.deepcopy(dit)
-    with torch.no_grad():
-        for block in shared.transformer_blocks[1:]:
-            for p, q in zip(block.norm1.emb.parameters(), shared.transformer_blocks[0].norm1.emb.parameters()):
-                p.copy_(q)
+    tie_block_embedders(shared)
     return shared
 
 
