@@ -250,11 +250,13 @@ _GATHER = torch.ops.aten.gather.default
 _SINK_THROUGH = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.div.Tensor)
 
 
-def _sinkable(gm: torch.fx.GraphModule, scatter: torch.fx.Node) -> torch.fx.Node | None:
+def _sinkable(scatter: torch.fx.Node) -> torch.fx.Node | None:
     """The one elementwise user of a token scatter that is not a graph output, if every other
     operand either broadcasts over tokens or has the scatter's shape (then it is gathered)."""
     if scatter.target != _SCATTER or scatter.args[1] != 1 or len(scatter.users) != 1:
         return None
+    if scatter.args[2].meta["val"].shape != scatter.args[3].meta["val"].shape:
+        return None  # rows beyond the index's extent are not scattered: no element-wise pairing
     (user,) = scatter.users
     shape = scatter.meta["val"].shape
     if user.target not in _SINK_THROUGH or user.kwargs or user.meta["val"].shape != shape:
@@ -287,7 +289,7 @@ def sink_token_scatters(gm: torch.fx.GraphModule) -> int:
     work = [n for n in gm.graph.nodes if n.target == _SCATTER]
     while work:
         scatter = work.pop()
-        user = _sinkable(gm, scatter)
+        user = _sinkable(scatter)
         if user is None:
             continue
         base, _, index, rows = scatter.args
