@@ -10,8 +10,8 @@ the writes stay.
 
 This pass runs once per schedule, over all step graphs together (a graph serves several
 steps): a slot's write is dead at step ``s`` when the first later step that touches the slot
-writes it without reading it, or when no later step touches it (the next generation starts
-from a full step). A graph drops a write only where it is dead at every step it serves. The
+writes it without reading it, or when no later step touches it (a new generation starts from an
+empty cache). A graph drops a write only where it is dead at every step it serves. The
 dropped outputs' producers then go with dead code removal, and a cache input that fed only
 them goes too, which can make more writes dead: the pass repeats until nothing changes.
 Results are unchanged by construction (a value no step reads cannot change an output); what
