@@ -20,7 +20,7 @@ The original full-token nodes lose their users and are removed by dead code remo
 Example (``dit`` a diffusers DiT)::
 
     import cachecompile as cc
-    from passes import attr_value, counters
+    from passes import counters
     cached = cc.optimize(dit, cc.Schedule.toca(50, 3, fresh_ratio=0.25))
     cached(**inputs)                     # first call: capture, rewrite, run
     counters["partial_tokens"]           # one per block of each partial step plan

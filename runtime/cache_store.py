@@ -13,6 +13,9 @@ Two ways to keep a written value:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
 __all__ = ["CacheStore"]
@@ -43,13 +46,14 @@ class CacheStore:
             buf.copy_(value)
         self._written.add((call, slot))
 
-    def write_all(self, call: int, items: list[tuple[str, torch.Tensor]]) -> None:
-        """Write one step's values. In place, a value that is itself one of the store's buffers (a
-        step graph passing a cache input through to another slot) is cloned first, so that the
-        copies made before it cannot change it."""
-        if self.in_place:
-            held = {b.untyped_storage().data_ptr() for b in self._buffers.values()}
-            items = [(s, v.clone() if v.untyped_storage().data_ptr() in held else v) for s, v in items]
+    def write_all(self, call: int, items: Iterable[tuple[str, torch.Tensor]], caller: Iterable[Any] = ()) -> None:
+        """Write one step's values. A value that shares storage with what it must not alias is
+        cloned first: by reference, the ``caller``'s tensors (the step's inputs and the outputs
+        handed back), which the caller may change in place; in place, the store's own buffers (a
+        step graph passing a cache input through to another slot), which the copies made
+        before it would change."""
+        avoid = {_storage(t) for t in (self._buffers.values() if self.in_place else caller)} - {None}
+        items = [(s, v.clone() if _storage(v) in avoid else v) for s, v in items]
         for slot, value in items:
             self.write(call, slot, value)
 
@@ -68,3 +72,7 @@ class CacheStore:
 
     def __len__(self) -> int:
         return len(self._buffers)
+
+
+def _storage(t: Any) -> int | None:
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None

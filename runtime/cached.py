@@ -269,11 +269,7 @@ class CachedTransformer(HoldsModel):
         step_in = [step_input_value(self, step, name) if values is None else values[name][step] for name in io["step_inputs"]]
         outs = self._runners[idx](*tensors, *cache_in, *step_in)
         n = cap.num_outputs
-        writes = list(zip(io["cache_outputs"], outs[n:]))
-        if not self._store.in_place:  # kept by reference: must not alias what the caller holds
-            shared = _storages(tensors, outs[:n])
-            writes = [(slot, v.clone() if _storage(v) in shared else v) for slot, v in writes]
-        self._store.write_all(call, writes)
+        self._store.write_all(call, zip(io["cache_outputs"], outs[n:]), caller=(*tensors, *outs[:n]))
         if self._clock.advance(pos, t, self._context):
             self._store.new_generation()  # the next call starts a new generation
         return pytree.tree_unflatten(list(outs[:n]), cap.out_spec)
@@ -308,15 +304,6 @@ class CachedTransformer(HoldsModel):
     def extra_repr(self) -> str:
         state = f"{len(self._runners)} step graphs" if self._captured is not None else "not captured yet"
         return f"schedule={self.schedule!r}, backend={self.backend!r}, {state}"
-
-
-def _storage(t: Any) -> int | None:
-    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
-
-
-def _storages(inputs: list[torch.Tensor], outputs: Any) -> set[int]:
-    """Storages of the caller's input tensors and of the outputs handed back to it."""
-    return {_storage(t) for t in (*inputs, *outputs) if isinstance(t, torch.Tensor)}
 
 
 @functools.lru_cache(maxsize=None)
