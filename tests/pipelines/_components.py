@@ -8,9 +8,11 @@ pipeline reads its ``config``) whose branch modules reuse their outputs on the c
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +31,7 @@ def _tokenizer_dir() -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     root = Path(tempfile.mkdtemp(prefix="cachecompile-tokenizers-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     clip = root / "clip"
     clip.mkdir()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
