@@ -30,7 +30,9 @@ def optimize(
     pipeline, the pipeline with its ``transformer`` swapped).
 
     The model is captured on its first call (or now, given ``example_args``/``example_kwargs``);
-    the original model object is never modified.
+    the original model object is never modified. ``.to()`` on the result (or ``pipe.to()``) moves
+    the model it holds; when that changes a device or dtype, the next call captures and compiles
+    again, as a ``torch.compile``'d module recompiles.
 
     Example::
 

@@ -481,7 +481,8 @@ def _build(
         example_inputs=[],
         num_outputs=int(m["num_outputs"]),
         kwarg_order=tuple(m["kwarg_order"]),
-        meta={"model_class": m["model_class"], "timestep_arg": m["timestep_arg"], "artifact": str(directory)},
+        meta={"model_class": m["model_class"], "timestep_arg": m["timestep_arg"], "artifact": str(directory),
+              "device": str(device)},
     )
 
     cps = m["calls_per_step"] if calls_per_step is None else calls_per_step

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -72,8 +73,9 @@ def check_backend(backend: str) -> None:
 
 class HoldsModel(torch.nn.Module):
     """A stand-in for a model in a pipeline: holds the original model without registering it
-    (our ``state_dict`` and ``.to()`` stay ours; the model object itself is never modified) and
-    answers the attributes it lacks (``config``, ``dtype``, ``device`` ...) from that model."""
+    (``state_dict()`` and ``parameters()`` stay ours; the model object is never modified, except
+    that ``.to()`` and its kin move it) and answers the attributes it lacks (``config``,
+    ``dtype``, ``device`` ...) from that model."""
 
     def __init__(self, model: torch.nn.Module | None) -> None:
         super().__init__()
@@ -92,6 +94,25 @@ class HoldsModel(torch.nn.Module):
             if model is None:
                 raise
             return getattr(model, name)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "HoldsModel":
+        """``.to()``, ``.half()``, ``.cuda()`` ... (and a pipeline's ``pipe.to()``) move the held
+        model too, as they would move the model in the stand-in's place."""
+        super()._apply(fn, recurse)
+        model = self.__dict__.get("_model")
+        if model is not None:
+            before = _placement(model)
+            model._apply(fn, recurse)
+            if _placement(model) != before:
+                self._model_moved()
+        return self
+
+    def _model_moved(self) -> None:
+        """Called after ``.to()`` changed the held model's devices or dtypes."""
+
+
+def _placement(model: torch.nn.Module) -> set[tuple[torch.device, torch.dtype]]:
+    return {(t.device, t.dtype) for t in itertools.chain(model.parameters(), model.buffers())}
 
 
 class CachedTransformer(HoldsModel):
@@ -191,6 +212,34 @@ class CachedTransformer(HoldsModel):
         device = captured.example_inputs[0].device if captured.example_inputs else None
         zeros = [torch.zeros(p.meta["val"].shape, dtype=p.meta["val"].dtype, device=device) for p in cache]
         return list(captured.example_inputs) + zeros
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "CachedTransformer":
+        cap = self._captured
+        if self._model is None and cap is not None and "device" in cap.meta:
+            # Loaded from an artifact: its engines were built for one device and dtype.
+            device = torch.device(cap.meta["device"])
+            floats = [leaf.dtype for leaf in cap.leaves if leaf.dtype is not None and leaf.dtype.is_floating_point]
+            dtype = floats[0] if floats else torch.float32
+            probe = fn(torch.empty(0, device=device, dtype=dtype))
+            if (probe.device, probe.dtype) != (device, dtype):
+                raise RuntimeError(
+                    f"{cap.meta.get('artifact', 'this artifact')} runs on {device} in "
+                    f"{str(dtype).removeprefix('torch.')}, as exported; it cannot move to {probe.device} in "
+                    f"{str(probe.dtype).removeprefix('torch.')}: export it again from a model on that device and dtype"
+                )
+        return super()._apply(fn, recurse)
+
+    def _model_moved(self) -> None:
+        # The step graphs were captured and compiled for the old devices/dtypes: like a
+        # torch.compile'd module, capture and compile again on the next call.
+        if self._captured is None:
+            return
+        log.info("cachecompile: the model moved to %s; its step graphs are rebuilt on the next call",
+                 sorted({f"{d}/{str(t).removeprefix('torch.')}" for d, t in _placement(self._model)}))
+        self._captured, self.region_map, self.plans = None, None, None
+        self._graph_of_step, self._graphs, self._runners, self._io = [], [], [], []
+        self.step_graphs = {}
+        self.reset()
 
     def reset(self) -> None:
         """Start a new generation: the next call is step 0 and the cache is emptied."""

@@ -404,3 +404,12 @@ def test_cli_exports_a_users_model_with_a_schedule_file(dit, tmp_path, capsys):
     for seed in SEEDS:
         expected = ddim_sample(cached, LABELS, seed=seed, **SAMPLE)
         assert rel_diff(ddim_sample(loaded, LABELS, seed=seed, **SAMPLE), expected) <= 1e-4
+
+
+def test_a_loaded_artifact_refuses_to_move(onnx_artifact):
+    loaded = cc.load(onnx_artifact.path)
+    assert loaded.to("cpu") is loaded and loaded.float() is loaded  # where it already is
+    with pytest.raises(RuntimeError, match=r"runs on cpu in float32.*cannot move to cpu in float64.*export it again"):
+        loaded.double()
+    kw = dict(dit_inputs(batch=4), return_dict=False)
+    torch.testing.assert_close(loaded(**kw)[0], cc.load(onnx_artifact.path)(**kw)[0], rtol=0, atol=0)

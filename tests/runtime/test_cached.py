@@ -1,5 +1,7 @@
 """The drop-in runtime over whole sampling loops, against eager references."""
 
+import copy
+
 import pytest
 import torch
 
@@ -89,6 +91,30 @@ def test_pipeline_attributes_pass_through(dit):
     assert cached.dtype == torch.float32
     assert cached.model is dit
     assert list(cached.state_dict()) == []
+
+
+def test_to_moves_the_held_model_and_captures_again(dit):
+    model = copy.deepcopy(dit)  # dit is shared by the session
+    cached = cc.optimize(model, cc.Schedule.fora(12, 3))
+    calls = [dit_inputs(batch=4, seed=i) for i in range(4)]  # steps 0 (full), 1, 2 (cached), 3 (full)
+    cached(**calls[0], return_dict=False)
+    graphs = list(cached.step_graphs.values())
+    assert cached.to(torch.float32) is cached and list(cached.step_graphs.values()) == graphs, "no change, no recapture"
+    assert cached.step == 1
+
+    cached.double()
+    assert {p.dtype for p in model.parameters()} == {torch.float64} and cached.dtype == torch.float64
+    assert not cached.is_captured and cached.step == 0
+    calls = [{k: v.double() if v.is_floating_point() else v for k, v in kw.items()} for kw in calls]
+    fresh = cc.optimize(copy.deepcopy(dit).double(), cc.Schedule.fora(12, 3))
+    uncached = copy.deepcopy(dit).double()
+    for step, kw in enumerate(calls):
+        got = cached(**kw, return_dict=False)[0]
+        torch.testing.assert_close(got, fresh(**kw, return_dict=False)[0], rtol=0, atol=0)
+        assert got.dtype == torch.float64
+        if step == 1:
+            assert (got - uncached(**kw, return_dict=False)[0]).abs().max() > 1e-3, "step 1 reads the cache"
+    assert len(cached.step_graphs) == 2
 
 
 def test_shape_change_is_a_clear_error(dit):
