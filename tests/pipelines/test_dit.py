@@ -5,6 +5,8 @@ a wrong ``num_inference_steps`` fails before the first step; with only the trans
 the calls' timesteps reveal it.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -59,6 +61,23 @@ def test_fora_matches_eager_reference_and_differs(pipe, uncached):
     assert reference.counter["calls"] == STEPS, "one batched call per step"
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (got - uncached).abs().max() > 1e-3
+
+
+def test_pipe_to_after_optimize_moves_the_transformer(components):
+    from diffusers import DiTPipeline
+
+    def pipeline():
+        p = DiTPipeline(**copy.deepcopy(components))
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    moved_after = cc.optimize(pipeline(), cc.Schedule.fora(STEPS, 2))
+    images(moved_after, inputs())
+    moved_after.to(torch.float64)
+    assert moved_after.transformer.dtype == torch.float64 and not moved_after.transformer.is_captured
+    moved_first = cc.optimize(pipeline().to(torch.float64), cc.Schedule.fora(STEPS, 2))
+    torch.testing.assert_close(images(moved_after, inputs()), images(moved_first, inputs()), rtol=0, atol=0)
+    assert moved_after.transformer.is_captured
 
 
 def test_calls_per_step_that_does_not_fit_is_a_clear_error(pipe, uncached):
