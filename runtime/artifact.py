@@ -173,6 +173,8 @@ def _write_artifact(cached: Any, directory: Path, backend: Any, format: str, opt
     weights = None
     if any("constants" in g["entry"] for g in graphs):  # aoti with weights="external"
         weights = _save_weights(directory, graphs, constants)
+    shared = getattr(backend, "share_weights", None)  # onnxruntime: one weights file for all graphs
+    onnx_weights = shared(directory, [g["entry"] for g in graphs]) if shared is not None else None
     step_inputs = _save_step_inputs(directory, cached, graphs)
 
     model = cached.model
@@ -196,6 +198,7 @@ def _write_artifact(cached: Any, directory: Path, backend: Any, format: str, opt
         "graph_of_step": list(cached._graph_of_step),
         "graphs": graphs,
         "weights": weights,
+        "onnx_weights": onnx_weights,
         "step_inputs": step_inputs,
         "versions": {
             "torch": torch.__version__,

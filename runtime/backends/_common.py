@@ -15,6 +15,7 @@ A dimension that is dynamic (a symbolic size in the graph) is written as ``null`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -190,6 +191,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_of(path: Path) -> str:
+    """sha256_file, hashed once per file version: step graphs of one artifact share files."""
+    st = path.stat()
+    return _sha256_memo(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_memo(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
 def make_entry(
     backend: str,
     directory: Path,
@@ -270,7 +282,7 @@ def check_entry(
         path = directory / name
         if not path.is_file():
             raise ArtifactError(f"artifact file {path} is missing; re-export the model into {directory}")
-        if verify and sha256_file(path) != expected:
+        if verify and _sha256_of(path) != expected:
             raise ArtifactError(f"artifact file {path} is corrupt (sha256 mismatch); re-export the model")
     for name in dict(entry.get("files", {})).values():
         if not (directory / name).is_file():

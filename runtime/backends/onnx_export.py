@@ -155,3 +155,65 @@ class CastedStep(torch.nn.Module):
 def reduced_precision_module(gm: GraphModule, dtype: torch.dtype, outputs: Sequence[TensorSpec]) -> Any:
     return CastedStep(gm, dtype, [s.torch_dtype for s in outputs])
 
+
+def share_initializers(directory: Path, names: Sequence[str], data_name: str, *, min_bytes: int = 1024) -> dict[str, Any]:
+    """Move the weights of several ONNX files in ``directory`` into one external-data file.
+
+    Step graphs of one schedule hold mostly the same weights (a cached step's gates are the full
+    step's, a partial step's MLP too); exported one by one, each file carries its own copy. Here
+    every initializer of ``min_bytes`` or more is stored once in ``data_name``, keyed by dtype,
+    shape and content (the exporter names the same weight differently per graph), and each file
+    references it by offset, as ONNX external data does (tensors from 64 KiB at 4 KiB-aligned
+    offsets, for memory mapping; smaller ones 64-byte aligned). Side files ``<name>.data`` the
+    exporter wrote are removed. ONNX Runtime and TensorRT's parser resolve the data file next to
+    the model. Returns what was stored.
+    """
+    import hashlib
+
+    import onnx
+
+    directory = Path(directory)
+    stored: dict[tuple[int, tuple[int, ...], str], tuple[int, int]] = {}
+    referenced = 0
+    models = []
+    with open(directory / data_name, "wb") as data:
+        for name in names:
+            model = onnx.load(str(directory / name), load_external_data=True)
+            for tensor in _initializers(model.graph):
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
+                    continue  # small, or stored in typed fields: stays inside the file
+                raw = tensor.raw_data
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest())
+                if key not in stored:
+                    data.write(b"\0" * (-data.tell() % (4096 if len(raw) >= 1 << 16 else 64)))
+                    stored[key] = (data.tell(), len(raw))
+                    data.write(raw)
+                offset, length = stored[key]
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    tensor.external_data.add(key=k, value=v)
+                referenced += length
+            models.append((name, model))
+    for name, model in models:
+        (directory / name).write_bytes(model.SerializeToString())
+        side = directory / f"{name}.data"
+        if side.exists():
+            side.unlink()
+        onnx.checker.check_model(str(directory / name))  # also checks every external reference
+    return {"file": data_name, "tensors": len(stored), "bytes": sum(n for _, n in stored.values()), "referenced_bytes": referenced}
+
+
+def _initializers(graph: Any) -> Any:
+    """A graph's initializers and those of its subgraphs (If/Loop bodies)."""
+    import onnx
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _initializers(g)

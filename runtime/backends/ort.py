@@ -28,8 +28,11 @@ from runtime.backends._common import (
     check_entry,
     graph_signature,
     make_entry,
+    sha256_file,
 )
-from runtime.backends.onnx_export import DEFAULT_OPSET, export_onnx, onnx_dtype
+from runtime.backends.onnx_export import DEFAULT_OPSET, export_onnx, onnx_dtype, share_initializers
+
+SHARED_WEIGHTS = "weights.onnx.data"  # an artifact's step graphs' weights, once (share_weights)
 
 class OrtStep:
     """An ``onnxruntime.InferenceSession`` called like the step graph."""
@@ -120,6 +123,18 @@ class OnnxRuntimeBackend:
             options={"opset_version": onnx_file.opset, "external_data": onnx_file.external_data, "optimize": optimize},
             opset=onnx_file.opset,
         )
+
+    def share_weights(self, directory: Path, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """After every step graph of an artifact was exported: one copy of their weights, in
+        ``weights.onnx.data``, which every ``<stem>.onnx`` references; the entries list it."""
+        directory = Path(directory)
+        names = [e["files"]["onnx"] for e in entries]
+        shared = share_initializers(directory, names, SHARED_WEIGHTS)
+        sha = {name: sha256_file(directory / name) for name in [*names, SHARED_WEIGHTS]}
+        for entry in entries:
+            entry["files"]["weights"] = SHARED_WEIGHTS
+            entry["sha256"] = {name: sha[name] for name in entry["files"].values()}
+        return {**shared, "sha256": sha[SHARED_WEIGHTS]}
 
     def load(
         self,

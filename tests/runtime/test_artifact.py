@@ -118,6 +118,32 @@ def test_aoti_artifact_stores_the_weights_once(aoti_artifact):
     assert all(g["entry"]["options"]["weights"] == "external" for g in m["graphs"])
 
 
+def test_onnx_artifact_stores_the_weights_once(onnx_artifact):
+    """The step graphs' ONNX files reference one weights file; a weight both graphs use (the
+    gates, the embedders, the output head) is stored once."""
+    import onnx
+
+    files = sorted(p.name for p in onnx_artifact.path.iterdir())
+    assert files == ["manifest.json", "step0.onnx", "step1.onnx", "weights.onnx.data"]
+    m = json.loads((onnx_artifact.path / "manifest.json").read_text())
+    shared = m["onnx_weights"]
+    data_size = (onnx_artifact.path / "weights.onnx.data").stat().st_size
+    referenced = {}
+    for g in m["graphs"]:
+        assert g["entry"]["files"]["weights"] == "weights.onnx.data" and "weights.onnx.data" in g["entry"]["sha256"]
+        model = onnx.load(str(onnx_artifact.path / g["entry"]["files"]["onnx"]), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                ref = {e.key: e.value for e in t.external_data}
+                assert ref["location"] == "weights.onnx.data" and int(ref["offset"]) + int(ref["length"]) <= data_size
+                referenced.setdefault((int(ref["offset"]), int(ref["length"])), []).append(g["entry"]["files"]["onnx"])
+            else:
+                assert len(t.raw_data) < 1024, f"{t.name} ({len(t.raw_data)} bytes) stayed inside the file"
+    assert shared["tensors"] == len(referenced) and shared["bytes"] == sum(n for _, n in referenced)
+    assert sum(n for (_, n), users in referenced.items() if len(users) == 2) > 0, "the graphs share weights"
+    assert shared["bytes"] <= data_size < shared["bytes"] + 4096 * shared["tensors"]
+
+
 def test_manifest_describes_the_schedule_and_the_call(onnx_artifact):
     m = json.loads((onnx_artifact.path / "manifest.json").read_text())
     cached = onnx_artifact.cached
@@ -233,7 +259,9 @@ def test_manifest_of_another_format_version_is_refused(onnx_artifact, tmp_path):
         cc.load(path)
 
 
-@pytest.mark.parametrize("fmt,name", [("onnx", "step1.onnx"), ("aoti", "step1.pt2"), ("aoti", "weights.pt")])
+@pytest.mark.parametrize(
+    "fmt,name", [("onnx", "step1.onnx"), ("onnx", "weights.onnx.data"), ("aoti", "step1.pt2"), ("aoti", "weights.pt")]
+)
 def test_missing_file_fails_at_load(request, tmp_path, fmt, name):
     path = _copy(_artifact(request, fmt), tmp_path)
     (path / name).unlink()
@@ -241,7 +269,7 @@ def test_missing_file_fails_at_load(request, tmp_path, fmt, name):
         cc.load(path)
 
 
-@pytest.mark.parametrize("fmt,name", [("onnx", "step0.onnx"), ("aoti", "weights.pt")])
+@pytest.mark.parametrize("fmt,name", [("onnx", "step0.onnx"), ("onnx", "weights.onnx.data"), ("aoti", "weights.pt")])
 def test_corrupt_file_fails_at_load(request, tmp_path, fmt, name):
     path = _copy(_artifact(request, fmt), tmp_path)
     data = bytearray((path / name).read_bytes())
