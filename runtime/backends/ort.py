@@ -34,6 +34,7 @@ from runtime.backends.onnx_export import DEFAULT_OPSET, export_onnx, onnx_dtype,
 
 SHARED_WEIGHTS = "weights.onnx.data"  # an artifact's step graphs' weights, once (share_weights)
 
+
 class OrtStep:
     """An ``onnxruntime.InferenceSession`` called like the step graph."""
 
