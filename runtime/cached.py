@@ -143,6 +143,11 @@ class CachedTransformer(HoldsModel):
         self._context: Any = None  # the pipeline's cache_context name for the current call
         self._patterns = regions
         self._backend_options = dict(backend_options or {})
+        self._store = CacheStore()
+        self._forget_capture()
+
+    def _forget_capture(self) -> None:
+        """The state before the first call (and after a move): nothing captured or compiled."""
         self._captured: Captured | None = None
         self.region_map: RegionMap | None = None
         self.plans: list[StepPlan] | None = None
@@ -155,7 +160,6 @@ class CachedTransformer(HoldsModel):
         # per-step input values in _step_values instead of asking the providers.
         self._io: list[dict] = []
         self._step_values: dict[str, list[torch.Tensor | None]] | None = None
-        self._store = CacheStore()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -236,9 +240,7 @@ class CachedTransformer(HoldsModel):
             return
         log.info("cachecompile: the model moved to %s; its step graphs are rebuilt on the next call",
                  sorted({f"{d}/{str(t).removeprefix('torch.')}" for d, t in _placement(self._model)}))
-        self._captured, self.region_map, self.plans = None, None, None
-        self._graph_of_step, self._graphs, self._runners, self._io = [], [], [], []
-        self.step_graphs = {}
+        self._forget_capture()
         self.reset()
 
     def reset(self) -> None:
