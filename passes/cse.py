@@ -10,7 +10,8 @@ Two sources of repeats in a DiT step graph:
 
 Parameters are compared by value (same shape, dtype, device and elements), so weights that are
 equal copies count as one. Merged nodes compute exactly what they computed before: the
-results are bit-identical. Ops that are impure (random, in place, side effects) are never merged.
+results are bit-identical. Nothing frozen by :mod:`passes.effects` is merged: ops with side
+effects (random, in place), values that some op mutates, and reads of such values.
 
 Runs last, after dead code removal and linear narrowing, on what the step graph really computes.
 """
@@ -25,6 +26,7 @@ import torch.fx
 
 from cachecompile.schedule import StepPlan
 from passes import attr_value, counters
+from passes.effects import frozen_nodes
 from passes.regions import RegionMap
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,10 @@ def merge_common_subexpressions(
     """Replace every node that repeats an earlier node's op on the same inputs by that node."""
     rep: dict[torch.fx.Node, torch.fx.Node] = _equal_parameters(gm)
     seen: dict[Any, torch.fx.Node] = {}
+    frozen = frozen_nodes(gm.graph)
     merged = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.is_impure():
+        if node.op != "call_function" or node in frozen:
             continue
         try:
             key = (node.target, _key(node.args, rep), _key(node.kwargs, rep))

@@ -1,9 +1,9 @@
 """Dead code removal for step graphs.
 
 Export leaves ``_assert_tensor_metadata`` nodes that count as side effects and would keep the
-skipped blocks alive; attention is marked nondeterministic-seeded (dropout), so the default
-purity check (``impure_random=True``) would keep it too. We remove the asserts and treat random
-ops as pure: in eval mode their randomness is unused.
+skipped blocks alive: they are removed first. Attention is marked nondeterministic-seeded (for
+its dropout); with ``dropout_p == 0`` it is pure and a skipped attention goes. Every other op with
+a side effect stays (:func:`passes.effects.has_side_effects`: in-place, random, effectful).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.fx
 
 from passes import counters
 from passes.cache_io import cache_io
+from passes.effects import has_side_effects
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def remove_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(graph.nodes):
         if _is_assert(node):
             graph.erase_node(node)
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+    graph.eliminate_dead_code(is_impure_node=has_side_effects)
     io = cache_io(gm)
     keep = []
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}

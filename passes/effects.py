@@ -1,0 +1,120 @@
+"""Which nodes a pass may merge, move or drop: side effects and mutation, found from op schemas.
+
+Export keeps in-place ops on intermediates: diffusers' sin-cos position embedding, computed at
+run time when the input size differs from the native one, builds two ``arange`` tensors and
+divides each in place (``aten.div_``). Two such ``arange`` nodes look identical, but merging them
+applies one division twice. So a node is *frozen* (never merged or moved) when
+
+- it has a side effect: it mutates an input, is random (except attention without dropout, whose
+  randomness is unused), or is marked effectful;
+- its value is mutated by some op (directly, or through a view that shares its storage);
+- it reads a value that some op mutates (the value it reads depends on where it runs).
+
+Aliasing follows the op schemas (``Tensor(a)`` views, ``Tensor(a!)`` writes); a call whose
+aliasing is unknown (a Python function other than ``getitem``) is taken to alias its inputs.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+__all__ = ["has_side_effects", "mutated_nodes", "frozen_nodes"]
+
+# Attention is marked nondeterministic-seeded for its dropout; with dropout_p == 0 it is pure.
+_ATTENTION = {
+    torch.ops.aten.scaled_dot_product_attention.default: 3,  # index of dropout_p
+}
+
+
+def has_side_effects(node: torch.fx.Node) -> bool:
+    """True for a node that must run even when nothing reads it: placeholders and outputs,
+    mutating and effectful ops, and random ops (attention with ``dropout_p == 0`` excepted)."""
+    if node.op == "call_function" and node.target in _ATTENTION:
+        pos = _ATTENTION[node.target]
+        p = node.args[pos] if len(node.args) > pos else node.kwargs.get("dropout_p", 0.0)
+        if p == 0.0:
+            return False
+    return node.is_impure(impure_random=True)
+
+
+class _Aliases:
+    """Union-find over nodes that may share storage."""
+
+    def __init__(self) -> None:
+        self.parent: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def find(self, n: torch.fx.Node) -> torch.fx.Node:
+        root = n
+        while self.parent.get(root, root) is not root:
+            root = self.parent[root]
+        while n is not root:
+            self.parent[n], n = root, self.parent.get(n, n)
+        return root
+
+    def union(self, a: torch.fx.Node, b: torch.fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra is not rb:
+            self.parent[ra] = rb
+
+
+def _tensor_args(node: torch.fx.Node) -> list[tuple[torch.fx.Node, object]]:
+    """(argument node, schema argument or None) for every node among the call's arguments."""
+    schema = getattr(node.target, "_schema", None)
+    out: list[tuple[torch.fx.Node, object]] = []
+    if schema is not None:
+        by_name = {a.name: a for a in schema.arguments}
+        for i, a in enumerate(node.args):
+            arg = schema.arguments[i] if i < len(schema.arguments) else None
+            out += [(n, arg) for n in _nodes_in(a)]
+        for k, a in node.kwargs.items():
+            out += [(n, by_name.get(k)) for n in _nodes_in(a)]
+        return out
+    for a in (*node.args, *node.kwargs.values()):
+        out += [(n, None) for n in _nodes_in(a)]
+    return out
+
+
+def _nodes_in(value: object) -> list[torch.fx.Node]:
+    if isinstance(value, torch.fx.Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _nodes_in(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _nodes_in(v)]
+    return []
+
+
+def mutated_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Every node whose storage some op of the graph writes (through any alias)."""
+    aliases = _Aliases()
+    written: list[torch.fx.Node] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            aliases.union(node, node.args[0])  # an element of a tuple of views
+            continue
+        has_schema = hasattr(node.target, "_schema")
+        for arg_node, arg in _tensor_args(node):
+            info = getattr(arg, "alias_info", None)
+            if not has_schema or info is not None:
+                aliases.union(node, arg_node)  # a view, an in-place op, or unknown aliasing
+            if info is not None and info.is_write:
+                written.append(arg_node)
+    roots = {aliases.find(n) for n in written}
+    return {n for n in graph.nodes if aliases.find(n) in roots}
+
+
+def frozen_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes that a pass must not merge or move (see the module docstring)."""
+    mutated = mutated_nodes(graph)
+    frozen = set(mutated)
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if has_side_effects(node) or any(n in mutated for n, _ in _tensor_args(node)):
+            frozen.add(node)
+    return frozen
