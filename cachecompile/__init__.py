@@ -22,18 +22,18 @@ __version__ = "0.1.0"
 # `import passes` (or `import runtime`) first from running into a half-initialised package.
 _LAZY = {
     "optimize": "cachecompile.api",
-    "CachedTransformer": "runtime.cached",
-    "InputMismatchError": "runtime.cached",
-    "StepMismatchError": "runtime.steps",
-    "RegionPatterns": "passes.regions",
-    "RegionError": "passes.regions",
-    "CaptureError": "passes.capture",
+    "CachedTransformer": "cachecompile.runtime.cached",
+    "InputMismatchError": "cachecompile.runtime.cached",
+    "StepMismatchError": "cachecompile.runtime.steps",
+    "RegionPatterns": "cachecompile.passes.regions",
+    "RegionError": "cachecompile.passes.regions",
+    "CaptureError": "cachecompile.passes.capture",
     "GOC": "cachecompile.compensation",
     "EOC": "cachecompile.compensation",
     "Taylor": "cachecompile.compensation",
     "calibrate": "cachecompile.calibration",
-    "load": "runtime.artifact",
-    "ArtifactError": "runtime.backends",
+    "load": "cachecompile.runtime.artifact",
+    "ArtifactError": "cachecompile.backends",
 }
 
 

@@ -8,9 +8,9 @@ import torch
 
 from cachecompile.pipelines import attach_to_pipeline
 from cachecompile.schedule import Schedule
-from passes.regions import RegionPatterns
-from runtime.cached import CachedTransformer, check_backend
-from runtime.steps import check_calls_per_step
+from cachecompile.passes.regions import RegionPatterns
+from cachecompile.runtime.cached import CachedTransformer, check_backend
+from cachecompile.runtime.steps import check_calls_per_step
 
 __all__ = ["optimize"]
 
@@ -50,7 +50,7 @@ def optimize(
         calls_per_step: transformer calls per sampling step (2 when a pipeline runs the
             conditional and unconditional branches of classifier-free guidance as two calls), or
             ``"auto"`` to detect it in step 0 from the ``timestep`` argument (see
-            :mod:`runtime.steps`; calls that do not fit the schedule raise ``StepMismatchError``).
+            :mod:`cachecompile.runtime.steps`; calls that do not fit the schedule raise ``StepMismatchError``).
         backend_options: passed to the backend (``mode="max-autotune"`` for Inductor ...).
 
     For a pipeline, the denoising loop's length is also checked against ``schedule.num_steps``

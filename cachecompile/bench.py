@@ -652,7 +652,7 @@ def _cc_builder(model: torch.nn.Module, schedule: cc.Schedule, backend: str, exa
 def _backend_unavailable(backend: str) -> str:
     if backend == "eager":
         return ""
-    from runtime.backends import get_backend
+    from cachecompile.backends import get_backend
 
     try:
         get_backend(backend)
@@ -749,7 +749,7 @@ def run_bench(
             parsed.append((spec, parse_schedule(spec, steps)))
         except (ValueError, TypeError) as e:
             raise SystemExit(f"schedule {spec!r}: {e}") from e
-    from runtime.backends import available_backends
+    from cachecompile.backends import available_backends
 
     known = ["eager", *[b for b in available_backends() if b != "eager"]]
     for b in backends:

@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from cachecompile.compensation import EOC, GOC, Taylor
 from cachecompile.schedule import Schedule, ScheduleError
-from runtime.cached import HoldsModel
+from cachecompile.runtime.cached import HoldsModel
 
 __all__ = [
     "calibrate", "measure", "Calibration", "find_inflections", "DEFAULT_ERROR_THRESHOLD", "add_calibrate_arguments",
@@ -159,10 +159,10 @@ class _Recorder(HoldsModel):
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def _prepare(self, args: tuple, kwargs: dict) -> None:
-        from passes.cache_io import add_cache_output
-        from passes.capture import capture
-        from passes.pipeline import copy_graph_module
-        from passes.regions import find_regions
+        from cachecompile.passes.cache_io import add_cache_output
+        from cachecompile.passes.capture import capture
+        from cachecompile.passes.pipeline import copy_graph_module
+        from cachecompile.passes.regions import find_regions
 
         cap = capture(self._model, args, kwargs)
         rm = find_regions(cap.gm, self.patterns, cap.meta["model_class"])
@@ -304,7 +304,7 @@ def measure(
         raise ValueError(f"prior must be 'channel' (per-channel vectors, the default) or 'full', got {prior!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    from runtime.cached import CachedTransformer
+    from cachecompile.runtime.cached import CachedTransformer
 
     if isinstance(model, CachedTransformer):
         model = model.model  # calibrate the original, uncached model

@@ -5,7 +5,7 @@ A compensation is a frozen dataclass attached to a schedule
 its ``transform`` turns the ``reuse`` actions of every compensable region into
 :class:`Forecast` actions (a corrected reuse) and, where the forecast needs a history of
 computed values, the compute steps of those regions into :class:`History` actions. The graph
-pass :mod:`passes.compensation` turns both into plain graph ops on explicit cache slots.
+pass :mod:`cachecompile.passes.compensation` turns both into plain graph ops on explicit cache slots.
 
 The state each forecast keeps is cache state like any other (graph inputs and outputs):
 
@@ -19,7 +19,7 @@ compensation               cache slots per region output ``r``    per-step input
 ``EOC``                    ``r`` + the prior table (an input)     ``eoc_scale:r``, ``eoc_row``
 =========================  =====================================  ===============================
 
-The newest value is always the plain slot ``r`` (written by :mod:`passes.cache_io` at compute
+The newest value is always the plain slot ``r`` (written by :mod:`cachecompile.passes.cache_io` at compute
 steps); at a compute step the older ones shift down (a :class:`History` action: a compute whose
 ``state`` holds ``history<k>``, the same vocabulary :mod:`cachecompile.methods.dual` uses for the
 state it keeps, so both compose).
@@ -291,7 +291,7 @@ def _regions_with(plans: Sequence[StepPlan], method: str) -> list[str]:
 def _register_step_inputs() -> None:
     # Imported here, not at module level: runtime imports the passes, which import the schedule;
     # by the time a schedule is resolved inside the runtime, everything is loaded.
-    from runtime.cached import STEP_INPUTS, register_step_input
+    from cachecompile.runtime.cached import STEP_INPUTS, register_step_input
 
     for prefix in ("goc_w", "goc_c1", "taylor_c1", "taylor_c2", "eoc_scale", "eoc_prior", "eoc_row"):
         if prefix not in STEP_INPUTS:

@@ -4,7 +4,7 @@ It loads the model (the bundled ``digits`` model, ``tiny``, ``dit-s2``, or a use
 ``module:attr`` as the bench does), captures it on one classifier-free-guidance batch built from
 the model's config — ``hidden_states [2·batch, C, H, W]``, ``timestep [2·batch]``,
 ``class_labels [2·batch]``, ``return_dict=False``, the call :func:`cachecompile.sampling.ddim_sample`
-makes — and exports the schedule's step graphs (:mod:`runtime.artifact`). Unless ``--no-verify``,
+makes — and exports the schedule's step graphs (:mod:`cachecompile.runtime.artifact`). Unless ``--no-verify``,
 it then loads the directory back and checks that a whole sampling run of the loaded artifact
 agrees with the eager cached model.
 
@@ -100,8 +100,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def export_main(args: argparse.Namespace) -> int:
     import cachecompile as cc
     from cachecompile.bench import default_model_name, load_bench_model
-    from runtime.artifact import FORMATS
-    from runtime.backends import get_backend
+    from cachecompile.runtime.artifact import FORMATS
+    from cachecompile.backends import get_backend
 
     if args.batch < 1:
         raise SystemExit("--batch must be >= 1")

@@ -1,10 +1,10 @@
 """Drop-in use inside diffusers pipelines.
 
 ``pipe.transformer = cc.optimize(pipe.transformer, schedule)`` is all a pipeline needs: the
-:class:`~runtime.cached.CachedTransformer` answers ``config``, ``dtype``, ``device`` ... from the
+:class:`~cachecompile.runtime.cached.CachedTransformer` answers ``config``, ``dtype``, ``device`` ... from the
 original model, takes the same call, returns the same output type, implements
 ``cache_context`` (so the original model's hook registry is never touched), and checks the
-calls of each generation against the schedule from their timesteps (:mod:`runtime.steps`).
+calls of each generation against the schedule from their timesteps (:mod:`cachecompile.runtime.steps`).
 
 ``cc.optimize(pipe, schedule)`` does the same swap and :func:`attach_to_pipeline`: every
 denoising loop then starts a new generation, and a loop whose length differs from the
@@ -52,7 +52,7 @@ def attach_to_pipeline(pipe: Any) -> None:
 
     @functools.wraps(unbound)
     def progress_bar(*args: Any, **kwargs: Any) -> Any:
-        from runtime.cached import CachedTransformer
+        from cachecompile.runtime.cached import CachedTransformer
 
         owner = ref()
         transformer = getattr(owner, "transformer", None)

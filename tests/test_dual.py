@@ -16,9 +16,9 @@ from cachecompile.flops import flop_counter, sampling_flops
 from cachecompile.methods.dual import Partial, ReuseResidual, toca_profile
 from cachecompile.sampling import ddim_sample
 from cachecompile.schedule import REUSE, Layout, ScheduleError
-from passes import build_step_graph
-from passes.capture import capture
-from passes.regions import find_regions
+from cachecompile.passes import build_step_graph
+from cachecompile.passes.capture import capture
+from cachecompile.passes.regions import find_regions
 from tests.conftest import dit_inputs
 from tests.dual_reference import DualReference, step_kind
 

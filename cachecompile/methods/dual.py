@@ -15,7 +15,7 @@ Step ``s`` of a schedule with interval ``N`` (see DESIGN.md):
   written at every step where the stack runs (full and conservative steps).
 
 Token scores (``score=``, one name or a weighted sum such as ``"v_norm+0.25*staleness"``) are
-computed inside the step graphs by :mod:`passes.token_scores`; see there for what each score
+computed inside the step graphs by :mod:`cachecompile.passes.token_scores`; see there for what each score
 means, the direction of ``v_norm`` and the cost of ``attention``. Scores that need state from an
 earlier step (the value norms or attention of the last step that computed a block's attention,
 the step at which each token was last recomputed, the stack's input for ``"residual"``) get it
@@ -71,7 +71,7 @@ __all__ = [
     "schedule_from_spec",
 ]
 
-# Scores the graph pass knows (passes.token_scores). v_norm and attention read state recorded
+# Scores the graph pass knows (cachecompile.passes.token_scores). v_norm and attention read state recorded
 # at the block's last attention compute; staleness reads the region's own recompute stamps.
 SCORE_NAMES = ("attention", "random", "staleness", "v_norm")
 _ATTENTION_STATE = ("attention", "v_norm")
@@ -129,7 +129,7 @@ class ReuseResidual(Action):
 
 
 def _step_index(cached: Any, step: int, name: str) -> Any:
-    """The ``step`` graph input (passes.token_scores.STEP_INPUT): the sampling-step index."""
+    """The ``step`` graph input (cachecompile.passes.token_scores.STEP_INPUT): the sampling-step index."""
     import torch
 
     params = getattr(cached, "model", None)
@@ -140,7 +140,7 @@ def _step_index(cached: Any, step: int, name: str) -> Any:
 def _register_step_input() -> None:
     # Imported here, not at module level: runtime imports the passes, which import the schedule;
     # by the time a partial action exists, everything is loaded.
-    from runtime.cached import STEP_INPUTS, register_step_input
+    from cachecompile.runtime.cached import STEP_INPUTS, register_step_input
 
     if "step" not in STEP_INPUTS:
         register_step_input("step", _step_index)

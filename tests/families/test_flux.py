@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import cachecompile as cc
-from passes.capture import capture
-from passes.regions import find_regions
+from cachecompile.passes.capture import capture
+from cachecompile.passes.regions import find_regions
 from tests.families._common import (
     conservative_graph,
     duca_reference,

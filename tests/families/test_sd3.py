@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import cachecompile as cc
-from passes.capture import capture
-from passes.regions import find_regions
+from cachecompile.passes.capture import capture
+from cachecompile.passes.regions import find_regions
 from tests.families._common import (
     conservative_graph,
     duca_reference,
@@ -120,7 +120,7 @@ def test_duca_matches_eager_reference(sd3):
 def test_value_norm_score_over_joint_attention_is_refused(sd3):
     """Joint attention attends over image + text tokens (70) while the image MLP sees 64: the
     v_norm score cannot rank the MLP's tokens, and says so when the step graph is built."""
-    from passes.token_scores import TokenScoreError
+    from cachecompile.passes.token_scores import TokenScoreError
 
     cached = cc.optimize(sd3, cc.Schedule.duca(STEPS, 3, 0.5, score="v_norm"))
     with pytest.raises(TokenScoreError, match=r"shape \(2, 70\).*2 samples × 64 tokens.*score='random'"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from passes.capture import CaptureError, capture
+from cachecompile.passes.capture import CaptureError, capture
 from tests.conftest import dit_inputs
 
 

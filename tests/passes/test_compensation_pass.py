@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import cachecompile as cc
-from passes import build_step_graph, counters
-from passes.cache_io import cache_io
-from passes.capture import capture
-from passes.regions import find_regions
+from cachecompile.passes import build_step_graph, counters
+from cachecompile.passes.cache_io import cache_io
+from cachecompile.passes.capture import capture
+from cachecompile.passes.regions import find_regions
 from tests.conftest import dit_inputs
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -163,7 +163,7 @@ def test_prior_stays_an_explicit_input_after_export(captured):
 
 def test_prior_is_an_input_of_the_onnx_artifact(captured, tmp_path):
     pytest.importorskip("onnxruntime")
-    from runtime.backends import get_backend
+    from cachecompile.backends import get_backend
 
     cap, _ = captured
     sched, prior = eoc_schedule((16,))

@@ -7,7 +7,7 @@ import torch
 import cachecompile as cc
 from cachecompile.bench import tie_block_embedders
 from cachecompile.sampling import ddim_sample
-from passes import counters
+from cachecompile.passes import counters
 from tests.conftest import dit_inputs, fora_reference
 
 LINEAR = torch.ops.aten.linear.default
@@ -52,8 +52,8 @@ def test_distinct_weights_are_not_merged(dit):
 
 
 def test_parameters_are_compared_by_value_in_any_dtype():
-    from passes.capture import capture
-    from passes.cse import merge_common_subexpressions
+    from cachecompile.passes.capture import capture
+    from cachecompile.passes.cse import merge_common_subexpressions
 
     class Two(torch.nn.Module):
         def __init__(self):

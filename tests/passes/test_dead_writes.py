@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import cachecompile as cc
-import runtime.cached
+import cachecompile.runtime.cached
 from cachecompile.sampling import ddim_sample
-from passes import counters
-from passes.dead_writes import dead_cache_writes
+from cachecompile.passes import counters
+from cachecompile.passes.dead_writes import dead_cache_writes
 
 SCATTER = torch.ops.aten.scatter.src
 
@@ -76,6 +76,6 @@ def test_results_are_bit_identical_without_the_schedule_wide_passes(dit, labels,
     before = (counters["dead_cache_writes"], counters["scatters_sunk"])
     finished = ddim_sample(cc.optimize(dit, schedule), labels, **sample_kwargs)
     assert counters["dead_cache_writes"] > before[0] and counters["scatters_sunk"] > before[1]
-    monkeypatch.setattr(runtime.cached, "finish_step_graphs", lambda graphs, graph_of_step: None)
+    monkeypatch.setattr(cachecompile.runtime.cached, "finish_step_graphs", lambda graphs, graph_of_step: None)
     plain = cc.optimize(dit, schedule)
     assert torch.equal(ddim_sample(plain, labels, **sample_kwargs), finished)

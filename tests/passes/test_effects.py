@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import cachecompile as cc
-from passes.capture import capture
-from passes.cse import merge_common_subexpressions
-from passes.effects import frozen_nodes, has_side_effects, mutated_nodes
+from cachecompile.passes.capture import capture
+from cachecompile.passes.cse import merge_common_subexpressions
+from cachecompile.passes.effects import frozen_nodes, has_side_effects, mutated_nodes
 from tests.conftest import make_dit
 
 ARANGE = torch.ops.aten.arange.default
@@ -42,13 +42,16 @@ def test_mutated_values_and_their_readers_are_frozen_pure_repeats_are_not():
 
 def test_attention_without_dropout_is_pure_random_ops_are_not():
     class M(torch.nn.Module):
-        def forward(self, q):
-            return torch.nn.functional.scaled_dot_product_attention(q, q, q), torch.rand_like(q)
+        def forward(self, q, mask):
+            a = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            b = torch.nn.functional.scaled_dot_product_attention(q, q, q, mask, 0.0)  # dropout_p positional
+            c = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+            return a, b, c, torch.rand_like(q)
 
-    gm = capture(M(), (torch.randn(1, 2, 4, 8),)).gm
-    by_name = {str(n.target): n for n in gm.graph.nodes if n.op == "call_function"}
-    assert not has_side_effects(by_name["aten.scaled_dot_product_attention.default"])
-    assert has_side_effects(next(n for k, n in by_name.items() if "rand" in k))
+    gm = capture(M(), (torch.randn(1, 2, 4, 8), torch.zeros(4, 4))).gm
+    sdpa = [n for n in gm.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert [has_side_effects(n) for n in sdpa] == [False, False, True]
+    assert has_side_effects(next(n for n in gm.graph.nodes if "rand" in str(n.target)))
 
 
 @pytest.mark.parametrize("size", [(8, 8), (16, 16), (8, 12), (12, 8)])

@@ -3,9 +3,9 @@
 import torch
 
 import cachecompile as cc
-from passes.capture import capture
-from passes.families import FAMILIES
-from passes.regions import RegionPatterns, find_regions, patterns_for
+from cachecompile.passes.capture import capture
+from cachecompile.passes.families import FAMILIES
+from cachecompile.passes.regions import RegionPatterns, find_regions, patterns_for
 from tests.conftest import dit_inputs
 
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from passes import counters
-from passes.capture import capture
-from passes.narrow_linear import narrow_chunked_linears
+from cachecompile.passes import counters
+from cachecompile.passes.capture import capture
+from cachecompile.passes.narrow_linear import narrow_chunked_linears
 
 LINEAR = torch.ops.aten.linear.default
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from passes import counters
-from passes.capture import capture
-from passes.noop_squeeze import remove_noop_squeezes
+from cachecompile.passes import counters
+from cachecompile.passes.capture import capture
+from cachecompile.passes.noop_squeeze import remove_noop_squeezes
 
 
 class _Head(torch.nn.Module):

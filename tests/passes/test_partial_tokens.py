@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 import cachecompile as cc
 from cachecompile.methods.dual import Partial
-from passes import build_step_graph, counters
-from passes.capture import capture
-from passes.partial_tokens import PartialTokensError, check_tokenwise
-from passes.regions import RegionPatterns, find_regions
+from cachecompile.passes import build_step_graph, counters
+from cachecompile.passes.capture import capture
+from cachecompile.passes.partial_tokens import PartialTokensError, check_tokenwise
+from cachecompile.passes.regions import RegionPatterns, find_regions
 from tests.conftest import dit_inputs
 
 LINEAR = torch.ops.aten.linear.default

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from passes.capture import capture
-from passes.regions import RegionError, RegionPatterns, find_regions, normalize_path
+from cachecompile.passes.capture import capture
+from cachecompile.passes.regions import RegionError, RegionPatterns, find_regions, normalize_path
 from tests.conftest import dit_inputs
 
 

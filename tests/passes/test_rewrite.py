@@ -3,11 +3,11 @@
 import torch
 
 import cachecompile as cc
-from passes import build_step_graph, counters
-from passes.capture import capture
-from passes.dce import remove_dead_code
-from passes.pipeline import copy_graph_module
-from passes.regions import find_regions
+from cachecompile.passes import build_step_graph, counters
+from cachecompile.passes.capture import capture
+from cachecompile.passes.dce import remove_dead_code
+from cachecompile.passes.pipeline import copy_graph_module
+from cachecompile.passes.regions import find_regions
 from tests.conftest import dit_inputs
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -94,7 +94,7 @@ def test_counters_and_dce(dit):
 
 
 def test_placeholders_follow_the_calling_convention(dit):
-    from passes.cache_io import add_cache_input, add_step_input, cache_io, order_placeholders
+    from cachecompile.passes.cache_io import add_cache_input, add_step_input, cache_io, order_placeholders
 
     cap, rm, plans = _setup(dit, cc.Schedule.fora(4, 2))
     g = copy_graph_module(cap.gm)

@@ -9,11 +9,11 @@ import torch
 import cachecompile as cc
 from cachecompile.methods.dual import Partial, parse_score
 from cachecompile.schedule import ScheduleError
-from passes import build_step_graph, counters
-from passes.capture import capture
-from passes.partial_tokens import top_tokens
-from passes.regions import find_regions
-from passes.token_scores import (
+from cachecompile.passes import build_step_graph, counters
+from cachecompile.passes.capture import capture
+from cachecompile.passes.partial_tokens import top_tokens
+from cachecompile.passes.regions import find_regions
+from cachecompile.passes.token_scores import (
     attention_score,
     attention_state,
     random_score,

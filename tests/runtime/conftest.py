@@ -196,7 +196,7 @@ def dit_onnx_dir(tmp_path_factory, dit_step) -> Path:
     """The dit step exported once with the onnxruntime backend: step0.onnx, entry.json, io.pt."""
     import json
 
-    from runtime.backends import get_backend
+    from cachecompile.backends import get_backend
 
     directory = tmp_path_factory.mktemp("export-onnxruntime")
     entry = get_backend("onnxruntime").export(

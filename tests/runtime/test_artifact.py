@@ -23,8 +23,8 @@ from torch.utils import _pytree as pytree
 
 import cachecompile as cc
 from cachecompile.sampling import ddim_sample
-from runtime.backends import ArtifactError
-from runtime.cached import CachedTransformer, InputMismatchError
+from cachecompile.backends import ArtifactError
+from cachecompile.runtime.cached import CachedTransformer, InputMismatchError
 from tests.conftest import NULL_CLASS, dit_inputs
 from tests.runtime import artifact_loop
 
@@ -104,7 +104,7 @@ def test_loaded_artifact_reproduces_the_eager_cached_run(request, dit, fmt):
 def test_aoti_artifact_stores_the_weights_once(aoti_artifact):
     """weights='external' by default: the packages hold kernels, weights.pt holds every constant
     of both step graphs once, equal to the model's tensors."""
-    from runtime.backends.aoti import graph_constants
+    from cachecompile.backends.aoti import graph_constants
 
     files = sorted(p.name for p in aoti_artifact.path.iterdir())
     assert files == ["manifest.json", "step0.pt2", "step1.pt2", "weights.pt"]
@@ -223,7 +223,7 @@ def test_from_artifact_and_calls_per_step_override(onnx_artifact):
 def test_output_type_is_rebuilt_or_stood_in_for(dit):
     """return_dict=True outputs: the type's module is imported when it can be; else a
     namedtuple with the same fields stands in (``out.sample`` and ``out[0]`` still work)."""
-    from runtime.artifact import _out_type, _output_spec
+    from cachecompile.runtime.artifact import _out_type, _output_spec
 
     cached = cc.optimize(dit, SCHEDULE, example_kwargs=dit_inputs(batch=4))
     spec = cached._captured.out_spec
@@ -358,7 +358,7 @@ def test_tensorrt_export_needs_the_extra(onnx_artifact, tmp_path):
 
 def test_a_constant_name_with_different_values_is_stored_per_graph(tmp_path):
     """Two step graphs that each lift a constant under the same name keep their own tensor."""
-    from runtime.artifact import _save_weights
+    from cachecompile.runtime.artifact import _save_weights
 
     def graph(value: float) -> torch.fx.GraphModule:
         root = torch.nn.Module()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from runtime.backends import ArtifactError, Backend, BackendCompileError, available_backends, get_backend
-from runtime.backends._common import TensorSpec, check_call_inputs, check_entry, graph_signature, make_entry
+from cachecompile.backends import ArtifactError, Backend, BackendCompileError, available_backends, get_backend
+from cachecompile.backends._common import TensorSpec, check_call_inputs, check_entry, graph_signature, make_entry
 
 # --------------------------------------------------------------------------------------
 # Registry

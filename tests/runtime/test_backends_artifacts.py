@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.backends import ArtifactError, get_backend
+from cachecompile.backends import ArtifactError, get_backend
 
 FORMATS = ["aoti", "onnxruntime"]
 
@@ -69,7 +69,7 @@ _FRESH_PROCESS = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from runtime.backends import get_backend
+    from cachecompile.backends import get_backend
 
     directory = Path(sys.argv[1])
     entry = json.loads((directory / "entry.json").read_text())
@@ -98,7 +98,7 @@ def test_aoti_external_weights_are_given_at_load(partial_step, tmp_path, close):
     """weights='external': one weights file for all step graphs instead of one copy per package."""
     backend = get_backend("aoti")
     entry = backend.export(partial_step.gm, partial_step.inputs, tmp_path, "step0", weights="external")
-    from runtime.backends.aoti import graph_constants
+    from cachecompile.backends.aoti import graph_constants
 
     state = graph_constants(partial_step.gm)
     assert sorted(c["name"] for c in entry["constants"]) == sorted(state)

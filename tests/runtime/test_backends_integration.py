@@ -74,8 +74,8 @@ def test_duca_run_with_partial_recompute_on_onnxruntime(model):
     import tempfile
     from pathlib import Path
 
-    from runtime.backends import get_backend
-    from runtime.backends.trt_ops import check_onnx_for_tensorrt
+    from cachecompile.backends import get_backend
+    from cachecompile.backends.trt_ops import check_onnx_for_tensorrt
 
     schedule = cc.Schedule.duca(NUM_STEPS, 3, 0.3)
     labels = torch.tensor([1, 7])

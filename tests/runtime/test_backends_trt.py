@@ -13,10 +13,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from runtime.backends._common import TensorSpec, graph_signature
-from runtime.backends.onnx_export import export_onnx, reduced_precision_module
-from runtime.backends.trt import BuildSettings, profile_shapes, resolve_typing
-from runtime.backends.trt_ops import (
+from cachecompile.backends._common import TensorSpec, graph_signature
+from cachecompile.backends.onnx_export import export_onnx, reduced_precision_module
+from cachecompile.backends.trt import BuildSettings, profile_shapes, resolve_typing
+from cachecompile.backends.trt_ops import (
     TOPK_MAX_K,
     TensorRTUnsupportedError,
     assert_tensorrt_compatible,
@@ -349,7 +349,7 @@ def _fake_tensorrt(weak_flags: bool = True):
 
 @pytest.fixture
 def simulated_tensorrt(monkeypatch):
-    import runtime.backends.trt as trt_backend
+    import cachecompile.backends.trt as trt_backend
 
     fake = _fake_tensorrt()
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", fake)
@@ -361,7 +361,7 @@ def simulated_tensorrt(monkeypatch):
 
 
 def test_engine_build_and_runtime_on_a_simulated_tensorrt(simulated_tensorrt, partial_step, tmp_path, close):
-    from runtime.backends import ArtifactError, get_backend
+    from cachecompile.backends import ArtifactError, get_backend
 
     backend = get_backend("tensorrt")
     names = dict(input_names=partial_step.input_names, output_names=partial_step.output_names)
@@ -394,7 +394,7 @@ def test_engine_build_and_runtime_on_a_simulated_tensorrt(simulated_tensorrt, pa
 
 
 def test_strong_typing_on_a_simulated_tensorrt_without_weak_flags(simulated_tensorrt, monkeypatch, partial_step, tmp_path):
-    from runtime.backends import get_backend
+    from cachecompile.backends import get_backend
 
     monkeypatch.setattr(simulated_tensorrt, "BuilderFlag", __import__("types").SimpleNamespace())
     entry = get_backend("tensorrt").export(partial_step.gm, partial_step.inputs, tmp_path, "step0", precision="fp16")

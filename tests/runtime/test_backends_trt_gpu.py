@@ -17,7 +17,7 @@ trt = pytest.importorskip(
 if not torch.cuda.is_available():
     pytest.skip("TensorRT engines need a CUDA GPU; none is available", allow_module_level=True)
 
-from runtime.backends import ArtifactError, get_backend  # noqa: E402
+from cachecompile.backends import ArtifactError, get_backend  # noqa: E402
 
 # TensorRT may use TF32 for float32 layers; half precision is looser still.
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2, "bf16": 1e-1}

@@ -175,7 +175,7 @@ def test_bad_arguments_to_optimize(dit):
 
 
 def test_cache_store_keeps_references_or_copies_in_place():
-    from runtime.cache_store import CacheStore
+    from cachecompile.runtime.cache_store import CacheStore
 
     value = torch.randn(2, 3)
     by_ref = CacheStore()

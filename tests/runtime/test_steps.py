@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cachecompile as cc
-from runtime.steps import StepClock, StepMismatchError, check_calls_per_step, timestep_value
+from cachecompile.runtime.steps import StepClock, StepMismatchError, check_calls_per_step, timestep_value
 from tests.conftest import dit_inputs
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import (
+from cachecompile.backends._common import (
     ArtifactError,
     BackendCompileError,
     TensorSpec,

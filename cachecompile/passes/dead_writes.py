@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import torch.fx
 
-from passes import counters
-from passes.cache_io import cache_io
-from passes.dce import remove_dead_code
+from cachecompile.passes import counters
+from cachecompile.passes.cache_io import cache_io
+from cachecompile.passes.dce import remove_dead_code
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ __all__ = ["dead_cache_writes", "drop_dead_cache_writes"]
 
 
 def dead_cache_writes(ios: Sequence[dict], graph_of_step: Sequence[int]) -> list[set[str]]:
-    """Per graph (``ios[i]`` is graph ``i``'s :func:`~passes.cache_io.cache_io`), the slots it
+    """Per graph (``ios[i]`` is graph ``i``'s :func:`~cachecompile.passes.cache_io.cache_io`), the slots it
     writes that are dead at every step it serves. ``graph_of_step[s]`` is step ``s``'s graph."""
     reads = [set(io["cache_inputs"]) for io in ios]
     writes = [set(io["cache_outputs"]) for io in ios]

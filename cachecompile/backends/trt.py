@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import (
+from cachecompile.backends._common import (
     ArtifactError,
     BackendCompileError,
     TensorSpec,
@@ -49,7 +49,7 @@ from runtime.backends._common import (
     graph_signature,
     make_entry,
 )
-from runtime.backends.onnx_export import DEFAULT_OPSET, export_onnx, reduced_precision_module
+from cachecompile.backends.onnx_export import DEFAULT_OPSET, export_onnx, reduced_precision_module
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 TYPINGS = ("auto", "weak", "strong")
@@ -118,7 +118,7 @@ class TensorRTBackend:
     def compile(self, gm: GraphModule, example_inputs: Sequence[Tensor], **options: Any) -> Any:
         """Build in a temporary directory and deserialize the engine (or torch-tensorrt)."""
         if options.pop("via", "onnx") == "torch_tensorrt":
-            from runtime.backends import trt_torch
+            from cachecompile.backends import trt_torch
 
             return trt_torch.compile_step(gm, example_inputs, **options)
         with tempfile.TemporaryDirectory(prefix="cachecompile-trt-") as tmp:
@@ -141,7 +141,7 @@ class TensorRTBackend:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if via == "torch_tensorrt":
-            from runtime.backends import trt_torch
+            from cachecompile.backends import trt_torch
 
             return trt_torch.export_step(gm, example_inputs, directory, stem, input_names, output_names, **settings)
         if via != "onnx":
@@ -152,7 +152,7 @@ class TensorRTBackend:
         """Deserialize ``entry``'s engine after checking files, TensorRT version and GPU."""
         directory = Path(directory)
         if entry.get("via") == "torch_tensorrt":
-            from runtime.backends import trt_torch
+            from cachecompile.backends import trt_torch
 
             return trt_torch.load_step(directory, entry, verify=verify)
         import tensorrt as trt
@@ -162,7 +162,7 @@ class TensorRTBackend:
         check_device(entry)
         path = directory / entry["files"]["engine"]
         runtime = trt.Runtime(_logger())
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = cachecompile.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise ArtifactError(f"tensorrt: cannot deserialize {path}; rebuild it with this TensorRT and GPU")
         return TRTStep(engine, inputs, outputs, check_inputs, f"tensorrt step {path.name}")
@@ -179,7 +179,7 @@ def _export_engine(
 ) -> dict[str, Any]:
     import tensorrt as trt
 
-    from runtime.backends.trt_ops import assert_tensorrt_compatible
+    from cachecompile.backends.trt_ops import assert_tensorrt_compatible
 
     if not _cuda_available():
         raise BackendCompileError("tensorrt: building an engine needs a CUDA GPU; none is available")

@@ -8,7 +8,7 @@ region) by a value computed from cache slots and per-step inputs, with plain ATe
 * EOC: ``u = r ⊙ (1 + scale·E[row])``, ``E`` the prior table (an explicit graph input).
 
 At a compute step whose action keeps a ``history<k>`` state (see
-:class:`cachecompile.compensation.History`) the region runs as usual, :mod:`passes.cache_io`
+:class:`cachecompile.compensation.History`) the region runs as usual, :mod:`cachecompile.passes.cache_io`
 writes its value to ``r``, and this pass shifts the older values down
 (``r@hk ← … ← r@h1 ← r``), or fills them with the computed value at the first compute of a run.
 Slot and input names are those of :mod:`cachecompile.compensation`. The skipped region's nodes
@@ -25,9 +25,9 @@ import torch.fx
 
 from cachecompile.compensation import history_of, history_slots, state_slots
 from cachecompile.schedule import Action, StepPlan
-from passes import counters
-from passes.cache_io import add_cache_input, add_cache_output, add_step_input
-from passes.regions import Region, RegionMap
+from cachecompile.passes import counters
+from cachecompile.passes.cache_io import add_cache_input, add_cache_output, add_step_input
+from cachecompile.passes.regions import Region, RegionMap
 
 log = logging.getLogger(__name__)
 

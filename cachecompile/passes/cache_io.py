@@ -4,7 +4,7 @@
 tuple; ``insert_cache_reads`` replaces the outputs of reused regions by new placeholders. Cache
 state is explicit graph input/output, not buffer mutation: ONNX export silently drops buffer
 writes, and explicit I/O is what TensorRT and CUDA graphs want. Dead code is removed by
-:mod:`passes.dce` afterwards.
+:mod:`cachecompile.passes.dce` afterwards.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import logging
 import torch.fx
 
 from cachecompile.schedule import StepPlan
-from passes import counters
-from passes.regions import RegionMap
+from cachecompile.passes import counters
+from cachecompile.passes.regions import RegionMap
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def add_cache_input(gm: torch.fx.GraphModule, slot: str, like: torch.fx.Node) ->
 
 def add_step_input(gm: torch.fx.GraphModule, name: str, val: torch.Tensor) -> torch.fx.Node:
     """A per-step input placeholder; the runtime asks the provider registered for ``name``'s
-    prefix (``runtime.cached.register_step_input``) for its value at every call. ``val`` is an
+    prefix (``cachecompile.runtime.cached.register_step_input``) for its value at every call. ``val`` is an
     example (fake or real) tensor for the metadata."""
     io = cache_io(gm)
     if name in io["step_inputs"]:

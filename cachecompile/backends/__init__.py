@@ -4,7 +4,7 @@ A *step graph* is a ``torch.fx.GraphModule`` called as ``gm(*user_inputs, *cache
 that returns a tuple ``(*user_outputs, *cache_writes)``. Every backend lowers it the same
 way and returns a callable with that calling convention:
 
->>> from runtime.backends import get_backend
+>>> from cachecompile.backends import get_backend
 >>> step = get_backend("inductor").compile(gm, example_inputs)        # doctest: +SKIP
 >>> entry = get_backend("aoti").export(gm, example_inputs, out_dir, "step0")  # doctest: +SKIP
 >>> step = get_backend("aoti").load(out_dir, entry)                   # doctest: +SKIP
@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import ArtifactError, BackendCompileError, TensorSpec
+from cachecompile.backends._common import ArtifactError, BackendCompileError, TensorSpec
 
 __all__ = [
     "ArtifactError",
@@ -73,13 +73,13 @@ class Backend(Protocol):
 
 
 # name → (module, class, modules it imports, pip extra). Modules are imported lazily so that
-# `import runtime.backends` never needs onnxruntime or tensorrt.
+# `import cachecompile.backends` never needs onnxruntime or tensorrt.
 _REGISTRY: dict[str, tuple[str, str, tuple[str, ...], str]] = {
-    "eager": ("runtime.backends.eager", "EagerBackend", (), ""),
-    "inductor": ("runtime.backends.inductor", "InductorBackend", (), ""),
-    "aoti": ("runtime.backends.aoti", "AOTIBackend", (), ""),
-    "onnxruntime": ("runtime.backends.ort", "OnnxRuntimeBackend", ("onnx", "onnxscript", "onnxruntime"), "onnx"),
-    "tensorrt": ("runtime.backends.trt", "TensorRTBackend", ("onnx", "onnxscript", "tensorrt"), "tensorrt"),
+    "eager": ("cachecompile.backends.eager", "EagerBackend", (), ""),
+    "inductor": ("cachecompile.backends.inductor", "InductorBackend", (), ""),
+    "aoti": ("cachecompile.backends.aoti", "AOTIBackend", (), ""),
+    "onnxruntime": ("cachecompile.backends.ort", "OnnxRuntimeBackend", ("onnx", "onnxscript", "onnxruntime"), "onnx"),
+    "tensorrt": ("cachecompile.backends.trt", "TensorRTBackend", ("onnx", "onnxscript", "tensorrt"), "tensorrt"),
 }
 _ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "trt": "tensorrt"}
 
@@ -101,7 +101,7 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; known backends: {known} (aliases: {', '.join(sorted(_ALIASES))})")
     module_name, class_name, needs, extra = _REGISTRY[key]
     if needs:
-        from runtime.backends._common import require
+        from cachecompile.backends._common import require
 
         require(needs, key, extra)
     backend_cls = getattr(importlib.import_module(module_name), class_name)

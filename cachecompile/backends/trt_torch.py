@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import (
+from cachecompile.backends._common import (
     ArtifactError,
     BackendCompileError,
     check_entry,
@@ -60,7 +60,7 @@ def compile_step(
     _, outputs = graph_signature(gm, example_inputs, input_names, output_names)
     module: torch.nn.Module = gm
     if _PRECISION[precision] is not None:
-        from runtime.backends.onnx_export import reduced_precision_module
+        from cachecompile.backends.onnx_export import reduced_precision_module
 
         module = reduced_precision_module(gm, _PRECISION[precision], outputs)
     ep = torch.export.export(module, tuple(example_inputs), strict=False)
@@ -111,7 +111,7 @@ def export_step(
     import tensorrt as trt
     import torch_tensorrt
 
-    from runtime.backends.trt import device_record
+    from cachecompile.backends.trt import device_record
 
     inputs, outputs = graph_signature(gm, example_inputs, input_names, output_names)
     trt_gm = compile_step(gm, example_inputs, **settings)
@@ -127,7 +127,7 @@ def export_step(
 def load_step(directory: Path, entry: dict[str, Any], *, verify: bool = True) -> Any:
     import torch_tensorrt
 
-    from runtime.backends.trt import check_device
+    from cachecompile.backends.trt import check_device
 
     check_entry(directory, entry, "tensorrt", verify=verify)
     check_version(entry, "torch", torch.__version__)  # the saved ExportedProgram format follows torch

@@ -3,7 +3,7 @@
 Export leaves ``_assert_tensor_metadata`` nodes that count as side effects and would keep the
 skipped blocks alive: they are removed first. Attention is marked nondeterministic-seeded (for
 its dropout); with ``dropout_p == 0`` it is pure and a skipped attention goes. Every other op with
-a side effect stays (:func:`passes.effects.has_side_effects`: in-place, random, effectful).
+a side effect stays (:func:`cachecompile.passes.effects.has_side_effects`: in-place, random, effectful).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import logging
 
 import torch.fx
 
-from passes import counters
-from passes.cache_io import cache_io
-from passes.effects import has_side_effects
+from cachecompile.passes import counters
+from cachecompile.passes.cache_io import cache_io
+from cachecompile.passes.effects import has_side_effects
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,17 @@ from typing import Callable
 import torch.fx
 
 from cachecompile.schedule import StepPlan
-from passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
-from passes.compensation import compensate
-from passes.cse import merge_common_subexpressions
-from passes.dce import remove_dead_code
-from passes.dead_writes import drop_dead_cache_writes
-from passes.narrow_linear import narrow_chunked_linears
-from passes.noop_squeeze import remove_noop_squeezes
-from passes.partial_tokens import partial_tokens, sink_token_scatters
-from passes.stack_reuse import stack_reuse
-from passes.token_scores import record_token_state
-from passes.regions import RegionMap
+from cachecompile.passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
+from cachecompile.passes.compensation import compensate
+from cachecompile.passes.cse import merge_common_subexpressions
+from cachecompile.passes.dce import remove_dead_code
+from cachecompile.passes.dead_writes import drop_dead_cache_writes
+from cachecompile.passes.narrow_linear import narrow_chunked_linears
+from cachecompile.passes.noop_squeeze import remove_noop_squeezes
+from cachecompile.passes.partial_tokens import partial_tokens, sink_token_scatters
+from cachecompile.passes.stack_reuse import stack_reuse
+from cachecompile.passes.token_scores import record_token_state
+from cachecompile.passes.regions import RegionMap
 
 __all__ = ["STEP_PASSES", "build_step_graph", "copy_graph_module", "finish_step_graphs"]
 
@@ -77,9 +77,9 @@ def build_step_graph(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPla
 
 def finish_step_graphs(graphs: list[torch.fx.GraphModule], graph_of_step: list[int]) -> None:
     """The passes that need the whole schedule, run once all step graphs are built (in place):
-    cache writes no later step reads are dropped (:mod:`passes.dead_writes`), and a partial
+    cache writes no later step reads are dropped (:mod:`cachecompile.passes.dead_writes`), and a partial
     recompute's scatter whose result is then no longer a cache write moves below the
-    elementwise ops that consume it (:func:`passes.partial_tokens.sink_token_scatters`)."""
+    elementwise ops that consume it (:func:`cachecompile.passes.partial_tokens.sink_token_scatters`)."""
     drop_dead_cache_writes(graphs, graph_of_step)
     for gm in graphs:
         if sink_token_scatters(gm):

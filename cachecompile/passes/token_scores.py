@@ -55,9 +55,9 @@ import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from cachecompile.schedule import StepPlan
-from passes import attr_value, counters
-from passes.cache_io import add_cache_input, add_cache_output, add_step_input, cache_io
-from passes.regions import Region, RegionError, RegionMap
+from cachecompile.passes import attr_value, counters
+from cachecompile.passes.cache_io import add_cache_input, add_cache_output, add_step_input, cache_io
+from cachecompile.passes.regions import Region, RegionError, RegionMap
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def record_token_state(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepP
                 step = _step_node(gm, out.meta["val"].device)
                 node = insert_function(gm, functools.partial(stamp_all, batch=b, tokens=t), [step], out.next)
             else:
-                continue  # e.g. the stack's "residual": passes.stack_reuse
+                continue  # e.g. the stack's "residual": cachecompile.passes.stack_reuse
             slot = state_slot(name, state)
             add_cache_output(gm, slot, node)
             io.setdefault("token_state", {})[slot] = node.name

@@ -5,8 +5,8 @@ run time when the input size differs from the native one, builds two ``arange`` 
 divides each in place (``aten.div_``). Two such ``arange`` nodes look identical, but merging them
 applies one division twice. So a node is *frozen* (never merged or moved) when
 
-- it has a side effect: it mutates an input, is random (except attention without dropout, whose
-  randomness is unused), or is marked effectful;
+- it has a side effect: it mutates an input, is random (except dropout that draws nothing:
+  attention with ``dropout_p=0``, ``dropout`` in eval mode), or is marked effectful;
 - its value is mutated by some op (directly, or through a view that shares its storage);
 - it reads a value that some op mutates (the value it reads depends on where it runs).
 
@@ -23,20 +23,36 @@ import torch.fx
 
 __all__ = ["has_side_effects", "mutated_nodes", "frozen_nodes"]
 
-# Attention is marked nondeterministic-seeded for its dropout; with dropout_p == 0 it is pure.
-_ATTENTION = {
-    torch.ops.aten.scaled_dot_product_attention.default: 3,  # index of dropout_p
-}
+def _arg(node: torch.fx.Node, name: str, missing: object = None) -> object:
+    """The value of the schema argument ``name`` of a call (positional, keyword or the schema's
+    default); ``missing`` when the op has no such argument."""
+    args = node.target._schema.arguments
+    for pos, a in enumerate(args):
+        if a.name == name:
+            if len(node.args) > pos:
+                return node.args[pos]
+            return node.kwargs.get(name, a.default_value if a.has_default_value() else missing)
+    return missing
+
+
+def _unused_randomness(node: torch.fx.Node) -> bool:
+    """A dropout-like op that draws nothing: ``train=False`` or a probability of 0 (attention is
+    marked random for its ``dropout_p``; ``aten.dropout`` in eval mode is the identity)."""
+    if node.op != "call_function" or not hasattr(node.target, "_schema"):
+        return False
+    if not getattr(node.target, "_nondeterministic_seeded", False) or node.target._schema.is_mutable:
+        return False
+    if _arg(node, "train", True) is False:
+        return True
+    p = _arg(node, "dropout_p", _arg(node, "p"))  # attention's and dropout's names
+    return isinstance(p, (int, float)) and p == 0
 
 
 def has_side_effects(node: torch.fx.Node) -> bool:
     """True for a node that must run even when nothing reads it: placeholders and outputs,
-    mutating and effectful ops, and random ops (attention with ``dropout_p == 0`` excepted)."""
-    if node.op == "call_function" and node.target in _ATTENTION:
-        pos = _ATTENTION[node.target]
-        p = node.args[pos] if len(node.args) > pos else node.kwargs.get("dropout_p", 0.0)
-        if p == 0.0:
-            return False
+    mutating and effectful ops, and random ops (dropout that draws nothing excepted)."""
+    if _unused_randomness(node):
+        return False
     return node.is_impure(impure_random=True)
 
 

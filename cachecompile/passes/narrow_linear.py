@@ -20,8 +20,8 @@ import torch
 import torch.fx
 
 from cachecompile.schedule import StepPlan
-from passes import counters
-from passes.regions import RegionMap
+from cachecompile.passes import counters
+from cachecompile.passes.regions import RegionMap
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ def attr_value(gm: torch.nn.Module, node: torch.fx.Node) -> Any:
     return obj
 
 
-from passes.pipeline import STEP_PASSES, build_step_graph, copy_graph_module, finish_step_graphs  # noqa: E402
-import passes.families  # noqa: E402,F401  (registers the region defaults of every DiT family)
+from cachecompile.passes.pipeline import STEP_PASSES, build_step_graph, copy_graph_module, finish_step_graphs  # noqa: E402
+import cachecompile.passes.families  # noqa: E402,F401  (registers the region defaults of every DiT family)
 
 __all__ = ["attr_value", "counters", "STEP_PASSES", "build_step_graph", "copy_graph_module", "finish_step_graphs"]

@@ -11,7 +11,7 @@
 
 ``cachecompile.load(path)`` checks the whole directory (files, checksums, versions, that the
 step graphs fit together and every cache slot is written before it is read) and returns a
-:class:`~runtime.cached.CachedTransformer` that replays the schedule with the same runtime as
+:class:`~cachecompile.runtime.cached.CachedTransformer` that replays the schedule with the same runtime as
 the in-memory one. It needs neither the model's Python code nor its weights object: the process
 that loads it never imports the model's class (nor diffusers, when the model was called with
 ``return_dict=False``; with ``return_dict=True`` the output type's module is imported to rebuild
@@ -24,7 +24,7 @@ it, see :func:`load_artifact`).
 >>> out = deployed(**call)                                                  # doctest: +SKIP
 
 An artifact serves the call it was captured on: the same argument structure, shapes, dtypes
-and constant arguments (a different shape is an :class:`~runtime.cached.InputMismatchError` on
+and constant arguments (a different shape is an :class:`~cachecompile.runtime.cached.InputMismatchError` on
 the first call, before anything runs), and the schedule's number of steps.
 """
 
@@ -45,8 +45,8 @@ from typing import Any, Mapping
 import torch
 from torch.utils import _pytree as pytree
 
-from runtime.backends import ArtifactError, get_backend
-from runtime.backends._common import TensorSpec, dtype_from_str, dtype_to_str, sha256_file
+from cachecompile.backends import ArtifactError, get_backend
+from cachecompile.backends._common import TensorSpec, dtype_from_str, dtype_to_str, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def _replace(target: Path, staging: Path) -> None:
 
 
 def _write_artifact(cached: Any, directory: Path, backend: Any, format: str, options: dict[str, Any]) -> dict[str, Any]:
-    from passes.cache_io import cache_io
-    from runtime.cached import _positional_index
+    from cachecompile.passes.cache_io import cache_io
+    from cachecompile.runtime.cached import _positional_index
 
     import cachecompile
 
@@ -219,7 +219,7 @@ def _save_weights(directory: Path, graphs: list[dict], gms: list[torch.fx.GraphM
     """Every constant the step graphs read, once. Graphs share the model's parameters under the
     same names; a name that holds *different* tensors in two graphs (a constant a pass lifted
     into one graph) is stored per graph, so no graph is ever handed another graph's tensor."""
-    from runtime.backends.aoti import graph_constants
+    from cachecompile.backends.aoti import graph_constants
 
     stored: dict[str, torch.Tensor] = {}
     for i, (g, gm) in enumerate(zip(graphs, gms)):
@@ -261,7 +261,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _save_step_inputs(directory: Path, cached: Any, graphs: list[dict]) -> dict[str, Any] | None:
     """Evaluate every per-step input at every step that uses it and store the values: the loaded
     artifact replays them without the providers (they are pure functions of the step)."""
-    from runtime.cached import step_input_value
+    from cachecompile.runtime.cached import step_input_value
 
     names = sorted({n for g in graphs for n in g["step_inputs"]})
     if not names:
@@ -377,7 +377,7 @@ def load_artifact(
     import_output_type: bool = True,
     **backend_options: Any,
 ) -> Any:
-    """Load an exported directory as a runnable :class:`~runtime.cached.CachedTransformer`.
+    """Load an exported directory as a runnable :class:`~cachecompile.runtime.cached.CachedTransformer`.
 
     Everything is checked before any step runs: the manifest's format version, every file and
     its sha256 (``verify=False`` skips the hashing), the torch version for AOTInductor packages,
@@ -396,7 +396,7 @@ def load_artifact(
     >>> import cachecompile as cc                 # doctest: +SKIP
     >>> deployed = cc.load("dit-fora3")           # doctest: +SKIP
     """
-    from runtime.cached import CachedTransformer
+    from cachecompile.runtime.cached import CachedTransformer
 
     directory = Path(path)
     if directory.name == MANIFEST:
@@ -430,8 +430,8 @@ def _build(
     backend_options: dict[str, Any], cached_cls: type,
 ) -> Any:
     from cachecompile.schedule import Layout, Schedule
-    from passes.capture import Captured, InputLeaf
-    from passes.regions import Region, RegionMap, RegionPatterns
+    from cachecompile.passes.capture import Captured, InputLeaf
+    from cachecompile.passes.regions import Region, RegionMap, RegionPatterns
 
     backend_name = m["backend"]
     if backend_name in _TORCH_BOUND and m["versions"].get("torch") != torch.__version__:

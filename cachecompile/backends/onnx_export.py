@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import BackendCompileError, TensorSpec
+from cachecompile.backends._common import BackendCompileError, TensorSpec
 
 DEFAULT_OPSET = 20
 # protobuf refuses messages over 2 GiB; stay well below it before moving weights out.

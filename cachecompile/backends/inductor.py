@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import (
+from cachecompile.backends._common import (
     BackendCompileError,
     TensorSpec,
     check_call_inputs,

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import graph_output_nodes
+from cachecompile.backends._common import graph_output_nodes
 
 
 class EagerBackend:

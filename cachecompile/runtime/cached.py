@@ -19,12 +19,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 from cachecompile.schedule import Schedule, StepPlan
-from passes import build_step_graph, finish_step_graphs
-from passes.cache_io import cache_io
-from passes.capture import Captured, capture
-from passes.regions import RegionMap, RegionPatterns, find_regions
-from runtime.cache_store import CacheStore
-from runtime.steps import StepClock, timestep_value
+from cachecompile.passes import build_step_graph, finish_step_graphs
+from cachecompile.passes.cache_io import cache_io
+from cachecompile.passes.capture import Captured, capture
+from cachecompile.passes.regions import RegionMap, RegionPatterns, find_regions
+from cachecompile.runtime.cache_store import CacheStore
+from cachecompile.runtime.steps import StepClock, timestep_value
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class InputMismatchError(ValueError):
     """A call whose inputs do not match the captured ones (shape, dtype, structure, constants)."""
 
 
-# Per-step graph inputs (see passes.cache_io.add_step_input): name prefix (before the first ":")
+# Per-step graph inputs (see cachecompile.passes.cache_io.add_step_input): name prefix (before the first ":")
 # → fn(cached, step, name) -> Tensor. Keeps per-step scalars out of the graphs, so the number of
 # step graphs does not grow with the number of steps.
 STEP_INPUTS: dict[str, Callable[["CachedTransformer", int, str], torch.Tensor]] = {}
@@ -57,7 +57,7 @@ def step_input_value(cached: "CachedTransformer", step: int, name: str) -> torch
 def _lower(backend: str, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any]) -> Runner:
     if backend == "eager":
         return gm
-    from runtime.backends import get_backend
+    from cachecompile.backends import get_backend
 
     return get_backend(backend).compile(gm, example_inputs, **options)
 
@@ -66,7 +66,7 @@ def check_backend(backend: str) -> None:
     """Fail early (before any capture) on an unknown backend or a missing optional dependency."""
     if backend == "eager":
         return
-    from runtime.backends import get_backend
+    from cachecompile.backends import get_backend
 
     get_backend(backend)
 
@@ -138,7 +138,7 @@ class CachedTransformer(HoldsModel):
         super().__init__(model)  # the step graphs share the model's parameter tensors
         self.schedule = schedule
         self.backend = backend
-        # Counts calls into (step, call within step) and checks they fit the schedule (runtime.steps).
+        # Counts calls into (step, call within step) and checks they fit the schedule (cachecompile.runtime.steps).
         self._clock = StepClock(schedule.num_steps, calls_per_step)
         self._context: Any = None  # the pipeline's cache_context name for the current call
         self._patterns = regions
@@ -156,7 +156,7 @@ class CachedTransformer(HoldsModel):
         self._graphs: list[torch.fx.GraphModule] = []
         self._runners: list[Runner] = []
         # Per graph: its cache_io (slot names in/out, step inputs). A model loaded from an artifact
-        # (runtime.artifact) has these and the runners but no GraphModules, and carries its
+        # (cachecompile.runtime.artifact) has these and the runners but no GraphModules, and carries its
         # per-step input values in _step_values instead of asking the providers.
         self._io: list[dict] = []
         self._step_values: dict[str, list[torch.Tensor | None]] | None = None
@@ -251,7 +251,7 @@ class CachedTransformer(HoldsModel):
     def begin_generation(self, num_steps: int | None = None) -> None:
         """Pipeline hook: a generation of ``num_steps`` denoising steps starts now.
 
-        Raises :class:`~runtime.steps.StepMismatchError` (before any step runs) when
+        Raises :class:`~cachecompile.runtime.steps.StepMismatchError` (before any step runs) when
         ``num_steps`` differs from the schedule's, then makes the next call step 0; the cache
         buffers are kept. ``cc.optimize(pipe, schedule)`` makes the pipeline call it at the start
         of every denoising loop; a hand-written loop may call it too::
@@ -335,20 +335,20 @@ class CachedTransformer(HoldsModel):
 
     # ------------------------------------------------------------------ artifacts
     def export(self, path: Any, format: str = "aoti", **options: Any) -> Any:
-        """Write the step graphs as a deployable directory (see :mod:`runtime.artifact`):
+        """Write the step graphs as a deployable directory (see :mod:`cachecompile.runtime.artifact`):
         ``format`` is ``"aoti"``, ``"onnx"`` or ``"tensorrt"``; load it with ``cachecompile.load``.
         The model must have been called once (or optimized with example inputs) first.
 
         >>> cached.export("dit-fora3", format="onnx")   # doctest: +SKIP
         """
-        from runtime.artifact import export_cached
+        from cachecompile.runtime.artifact import export_cached
 
         return export_cached(self, path, format, **options)
 
     @classmethod
     def from_artifact(cls, path: Any, **options: Any) -> "CachedTransformer":
         """Load a directory written by :meth:`export` (= ``cachecompile.load(path)``)."""
-        from runtime.artifact import load_artifact
+        from cachecompile.runtime.artifact import load_artifact
 
         return load_artifact(path, **options)
 

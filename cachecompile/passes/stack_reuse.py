@@ -25,9 +25,9 @@ import torch
 import torch.fx
 
 from cachecompile.schedule import StepPlan
-from passes import counters
-from passes.cache_io import add_cache_input, add_cache_output, cache_io
-from passes.regions import Region, RegionError, RegionMap
+from cachecompile.passes import counters
+from cachecompile.passes.cache_io import add_cache_input, add_cache_output, cache_io
+from cachecompile.passes.regions import Region, RegionError, RegionMap
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ For each ``partial`` action of the plan (``methods.dual.Partial``) the pass
    own (linear layers, activations, elementwise ops with per-channel parameters, norms and
    splits over the last dimension) and keeps the token dimension — and refuses any other
    region (attention mixes tokens) with :class:`PartialTokensError`;
-2. computes the score (:mod:`passes.token_scores`) and picks ``k = round(ratio × tokens)``
+2. computes the score (:mod:`cachecompile.passes.token_scores`) and picks ``k = round(ratio × tokens)``
    tokens per sample with ``topk`` (k is a constant of the step graph: shapes stay static, as
    TensorRT and CUDA graphs need);
 3. gathers those rows of the region's input(s) (``gather``), runs copies of the region's nodes
@@ -20,7 +20,7 @@ The original full-token nodes lose their users and are removed by dead code remo
 Example (``dit`` a diffusers DiT)::
 
     import cachecompile as cc
-    from passes import counters
+    from cachecompile.passes import counters
     cached = cc.optimize(dit, cc.Schedule.toca(50, 3, fresh_ratio=0.25))
     cached(**inputs)                     # first call: capture, rewrite, run
     counters["partial_tokens"]           # one per block of each partial step plan
@@ -37,10 +37,10 @@ import torch.fx
 
 from cachecompile.methods.dual import tokens_to_recompute
 from cachecompile.schedule import StepPlan
-from passes import attr_value, counters
-from passes.cache_io import add_cache_input, add_cache_output
-from passes.regions import Region, RegionError, RegionMap
-from passes.token_scores import insert_function, refresh_vals, score_node, update_staleness
+from cachecompile.passes import attr_value, counters
+from cachecompile.passes.cache_io import add_cache_input, add_cache_output
+from cachecompile.passes.regions import Region, RegionError, RegionMap
+from cachecompile.passes.token_scores import insert_function, refresh_vals, score_node, update_staleness
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def sink_token_scatters(gm: torch.fx.GraphModule) -> int:
     gate * rows + gather(x, idx))``: the same arithmetic per element, but the all-token pass
     reads the cache once and writes ``h`` once, instead of first copying the cache into an
     updated one that is then read again. Only where the updated cache is not itself a graph
-    output (a cache write no step reads is dropped first: :mod:`passes.dead_writes`).
+    output (a cache write no step reads is dropped first: :mod:`cachecompile.passes.dead_writes`).
     Returns how many elementwise ops the scatters moved below.
     """
     moved = 0

@@ -10,7 +10,7 @@ Two sources of repeats in a DiT step graph:
 
 Parameters are compared by value (same shape, dtype, device and elements), so weights that are
 equal copies count as one. Merged nodes compute exactly what they computed before: the
-results are bit-identical. Nothing frozen by :mod:`passes.effects` is merged: ops with side
+results are bit-identical. Nothing frozen by :mod:`cachecompile.passes.effects` is merged: ops with side
 effects (random, in place), values that some op mutates, and reads of such values.
 
 Runs last, after dead code removal and linear narrowing, on what the step graph really computes.
@@ -25,9 +25,9 @@ import torch
 import torch.fx
 
 from cachecompile.schedule import StepPlan
-from passes import attr_value, counters
-from passes.effects import frozen_nodes
-from passes.regions import RegionMap
+from cachecompile.passes import attr_value, counters
+from cachecompile.passes.effects import frozen_nodes
+from cachecompile.passes.regions import RegionMap
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule
 
-from runtime.backends._common import (
+from cachecompile.backends._common import (
     ArtifactError,
     TensorSpec,
     check_call_inputs,
@@ -30,7 +30,7 @@ from runtime.backends._common import (
     make_entry,
     sha256_file,
 )
-from runtime.backends.onnx_export import DEFAULT_OPSET, export_onnx, onnx_dtype, share_initializers
+from cachecompile.backends.onnx_export import DEFAULT_OPSET, export_onnx, onnx_dtype, share_initializers
 
 SHARED_WEIGHTS = "weights.onnx.data"  # an artifact's step graphs' weights, once (share_weights)
 

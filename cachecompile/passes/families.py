@@ -37,17 +37,17 @@ What is cached, where it is not simply "a branch before its gate":
 * Wan applies its gates in float32 (``ffn(x).float() * gate``); the cached ``mlp`` output is the
   ``ffn`` output in the model's dtype, before that cast.
 
-Register another family with :func:`passes.regions.register_family`, or pass
+Register another family with :func:`cachecompile.passes.regions.register_family`, or pass
 ``regions=cc.RegionPatterns(...)`` to :func:`cachecompile.optimize`.
 
->>> from passes.regions import patterns_for
+>>> from cachecompile.passes.regions import patterns_for
 >>> patterns_for("FluxTransformer2DModel").blocks
 ('transformer_blocks.*', 'single_transformer_blocks.*')
 """
 
 from __future__ import annotations
 
-from passes.regions import RegionPatterns, register_family
+from cachecompile.passes.regions import RegionPatterns, register_family
 
 __all__ = ["FAMILIES"]
 
