@@ -14,26 +14,28 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from cachecompile.schedule import COMPUTE, REUSE, Action, Layout, Schedule, ScheduleError, StepPlan
+from cachecompile.core.errors import (
+    ArtifactError,
+    CaptureError,
+    InputMismatchError,
+    RegionError,
+    ScheduleError,
+    StepMismatchError,
+)
+from cachecompile.core.regions import RegionPatterns
+from cachecompile.core.schedule import COMPUTE, REUSE, Action, Layout, Schedule, StepPlan
+from cachecompile.core.version import __version__  # noqa: F401
+from cachecompile.methods.compensation import EOC, GOC, Taylor  # importing methods registers every method
 
-__version__ = "0.1.0"
 
-# The passes and the runtime import cachecompile.schedule; importing them lazily keeps
-# `import passes` (or `import runtime`) first from running into a half-initialised package.
+# The compiler, the runtime and the tools load on first use: `import cachecompile` stays light
+# for a process that only reads schedules.
 _LAZY = {
     "optimize": "cachecompile.api",
+    "load": "cachecompile.api",
     "CachedTransformer": "cachecompile.runtime.cached",
-    "InputMismatchError": "cachecompile.runtime.cached",
-    "StepMismatchError": "cachecompile.runtime.steps",
-    "RegionPatterns": "cachecompile.passes.regions",
-    "RegionError": "cachecompile.passes.regions",
-    "CaptureError": "cachecompile.passes.capture",
-    "GOC": "cachecompile.compensation",
-    "EOC": "cachecompile.compensation",
-    "Taylor": "cachecompile.compensation",
     "calibrate": "cachecompile.calibration",
-    "load": "cachecompile.runtime.artifact",
-    "ArtifactError": "cachecompile.backends",
+    "flops_ratio": "cachecompile.tools.flops",
 }
 
 
@@ -62,6 +64,7 @@ __all__ = [
     "EOC",
     "Taylor",
     "calibrate",
+    "flops_ratio",
     "load",
     "ArtifactError",
 ]

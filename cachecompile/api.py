@@ -1,4 +1,6 @@
-"""``cachecompile.optimize``: the one call a user makes."""
+"""The public calls: :func:`optimize` (the one call a user makes) and :func:`load`. They wire
+the compiler (:mod:`cachecompile.compile`) into the runtime (:mod:`cachecompile.runtime`), which
+never import each other."""
 
 from __future__ import annotations
 
@@ -6,13 +8,14 @@ from typing import Any, Mapping
 
 import torch
 
+from cachecompile.compile.driver import Compiler
+from cachecompile.core.regions import RegionPatterns
+from cachecompile.core.schedule import Schedule
 from cachecompile.pipelines import attach_to_pipeline
-from cachecompile.schedule import Schedule
-from cachecompile.passes.regions import RegionPatterns
-from cachecompile.runtime.cached import CachedTransformer, check_backend
+from cachecompile.runtime.cached import CachedTransformer
 from cachecompile.runtime.steps import check_calls_per_step
 
-__all__ = ["optimize"]
+__all__ = ["optimize", "load"]
 
 
 def optimize(
@@ -51,7 +54,8 @@ def optimize(
             conditional and unconditional branches of classifier-free guidance as two calls), or
             ``"auto"`` to detect it in step 0 from the ``timestep`` argument (see
             :mod:`cachecompile.runtime.steps`; calls that do not fit the schedule raise ``StepMismatchError``).
-        backend_options: passed to the backend (``mode="max-autotune"`` for Inductor ...).
+        backend_options: passed to the backend (``mode="max-autotune"`` for Inductor ...); checked
+            here, so a misspelled option fails now, not at the first call.
 
     For a pipeline, the denoising loop's length is also checked against ``schedule.num_steps``
     before the first step (the pipeline's ``progress_bar`` calls
@@ -73,10 +77,19 @@ def optimize(
         raise TypeError(f"optimize() takes a torch.nn.Module or a pipeline with .transformer, got {type(model).__name__}")
     if isinstance(model, CachedTransformer):
         raise TypeError("this model is already optimized; pass cached.model to optimize it again with another schedule")
-    check_backend(backend)
-    cached = CachedTransformer(
-        model, schedule, backend=backend, regions=regions, calls_per_step=calls_per_step, backend_options=backend_options
-    )
+    builder = Compiler(schedule, backend, regions=regions, backend_options=backend_options)
+    cached = CachedTransformer(model, schedule, builder=builder, calls_per_step=calls_per_step)
     if example_args is not None or example_kwargs is not None:
         cached.prepare(*(example_args or ()), **dict(example_kwargs or {}))
     return cached
+
+
+def load(path: Any, **options: Any) -> CachedTransformer:
+    """Load an artifact directory written by ``cached.export`` as a drop-in
+    :class:`~cachecompile.CachedTransformer` (see
+    :meth:`~cachecompile.runtime.cached.CachedTransformer.from_artifact` for the options and checks).
+
+    >>> import cachecompile as cc                 # doctest: +SKIP
+    >>> deployed = cc.load("dit-fora3")           # doctest: +SKIP
+    """
+    return CachedTransformer.from_artifact(path, **options)

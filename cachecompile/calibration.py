@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -36,13 +35,17 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from cachecompile.compensation import EOC, GOC, Taylor
-from cachecompile.schedule import Schedule, ScheduleError
-from cachecompile.runtime.cached import HoldsModel
+from cachecompile.api import optimize
+from cachecompile.core.schedule import Schedule, ScheduleError
+from cachecompile.methods.compensation import EOC, GOC, Taylor
+from cachecompile.passes import copy_graph_module
+from cachecompile.passes.cache_io import add_cache_output
+from cachecompile.passes.capture import capture
+from cachecompile.passes.regions import find_regions
+from cachecompile.runtime.cached import CachedTransformer, HoldsModel
 
 __all__ = [
-    "calibrate", "measure", "Calibration", "find_inflections", "DEFAULT_ERROR_THRESHOLD", "add_calibrate_arguments",
-    "calibrate_main",
+    "calibrate", "measure", "Calibration", "find_inflections", "DEFAULT_ERROR_THRESHOLD", "as_compensation",
 ]
 
 # Relative L1 caching error above which EOC optimises a cached step (see Calibration.judged).
@@ -159,13 +162,8 @@ class _Recorder(HoldsModel):
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def _prepare(self, args: tuple, kwargs: dict) -> None:
-        from cachecompile.passes.cache_io import add_cache_output
-        from cachecompile.passes.capture import capture
-        from cachecompile.passes.pipeline import copy_graph_module
-        from cachecompile.passes.regions import find_regions
-
         cap = capture(self._model, args, kwargs)
-        rm = find_regions(cap.gm, self.patterns, cap.meta["model_class"])
+        rm = find_regions(cap.gm, self.patterns, cap.call.model_class)
         plans = dataclasses.replace(self.schedule, compensation=None).resolve(rm.layout)
         reused = {
             r: tuple(s for s, p in enumerate(plans) if p.action(r).kind == "reuse")
@@ -181,13 +179,13 @@ class _Recorder(HoldsModel):
                 add_cache_output(gm, rm[r].slot(i), nodes[out])
                 slots.append(rm[r].slot(i))
         gm.recompile()
-        self.cap, self.gm, self.slots, self.reused = cap, gm, slots, reused
+        self.call, self.gm, self.slots, self.reused = cap.call, gm, slots, reused
         self.ran = {r: {s for s, p in enumerate(plans) if r in p.writes} for r in reused}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.gm is None:
             self._prepare(args, kwargs)
-        cap = self.cap
+        cap = self.call
         if set(kwargs) == set(cap.kwarg_order):
             kwargs = {k: kwargs[k] for k in cap.kwarg_order}
         leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
@@ -304,8 +302,6 @@ def measure(
         raise ValueError(f"prior must be 'channel' (per-channel vectors, the default) or 'full', got {prior!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    from cachecompile.runtime.cached import CachedTransformer
-
     if isinstance(model, CachedTransformer):
         model = model.model  # calibrate the original, uncached model
     run = _sampler(sample_inputs, schedule.num_steps)
@@ -322,7 +318,7 @@ def measure(
     return rec.result(finals)
 
 
-def _as_compensation(compensation: Any, schedule: Schedule) -> Any:
+def as_compensation(compensation: Any, schedule: Schedule) -> Any:
     if compensation is None:
         compensation = schedule.compensation
     if compensation is None:
@@ -370,7 +366,7 @@ def calibrate(
     >>> s = cc.calibrate(model, cc.Schedule.fora(20, 4), dict(class_labels=torch.arange(2), null_class=10,
     ...     sample_size=16, in_channels=1), num_samples=2, compensation="eoc")  # doctest: +SKIP
     """
-    comp = _as_compensation(compensation, schedule)
+    comp = as_compensation(compensation, schedule)
     cal = measure(model, schedule, sample_inputs, num_samples, calls_per_step=calls_per_step, regions=regions, prior=prior)
     out = cal.apply(schedule, comp, cos_threshold=cos_threshold, error_threshold=error_threshold)
     if weights:
@@ -384,8 +380,6 @@ def _search_weight(
     model: torch.nn.Module, schedule: Schedule, sample_inputs: Any, num_samples: int, weights: Sequence[float],
     cal: Calibration, calls_per_step: int, regions: Any,
 ) -> Schedule:
-    from cachecompile.api import optimize
-
     if not all(isinstance(f, torch.Tensor) for f in cal.finals):
         raise ValueError("weights= needs a sampling callable that returns the generated samples (a tensor)")
     run = _sampler(sample_inputs, schedule.num_steps)
@@ -402,55 +396,3 @@ def _search_weight(
             best = (float(w), candidate)
     assert best is not None
     return best[1]
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="digits (default when shipped), dit-s2, tiny, or module:attr")
-    p.add_argument("--schedule", default="fora:4", help="a preset (fora:4, toca:...) or a .json schedule file")
-    p.add_argument("--compensation", choices=["goc", "eoc", "taylor"], default=None,
-                   help="what to calibrate (default: the schedule file's own compensation)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (a .json schedule fixes them)")
-    p.add_argument("--samples", type=int, default=4, help="generations to calibrate on (num_samples)")
-    p.add_argument("--batch", type=int, default=4, help="images per generation (the CFG batch is twice this)")
-    p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--weight", type=float, default=None, help="GOC weight (default 1.2)")
-    p.add_argument("--queue", choices=["used", "computed"], default=None, help="GOC queue (default used)")
-    p.add_argument("--search-weights", default=None, help="GOC: comma-separated candidate weights, e.g. 0,0.3,0.6,1")
-    p.add_argument("--theta", type=float, default=None, help="EOC theta (default 0.01)")
-    p.add_argument("--order", type=int, default=None, help="Taylor order (default 1)")
-    p.add_argument("--cos-threshold", type=float, default=0.0, help="inflection test (cosine of successive differences)")
-    p.add_argument("--error-threshold", type=float, default=DEFAULT_ERROR_THRESHOLD, help="EOC judgment (rel-L1 caching error)")
-    p.add_argument("--prior", choices=["channel", "full"], default="channel")
-    p.add_argument("--out", required=True, help="where to write the calibrated schedule (.json)")
-
-
-def calibrate_main(args: argparse.Namespace) -> int:
-    from cachecompile.bench import default_model_name, load_bench_model, parse_schedule
-
-    bm = load_bench_model(args.model or default_model_name())
-    if args.schedule.endswith(".json"):
-        schedule = Schedule.load(args.schedule)
-    else:
-        schedule = parse_schedule(args.schedule, args.steps)
-    try:
-        comp = _as_compensation(args.compensation, schedule)
-    except ValueError as e:
-        raise SystemExit(f"calibrate: {e} (--compensation goc|eoc|taylor)") from e
-    settings = {"weight": args.weight, "queue": args.queue, "theta": args.theta, "order": args.order}
-    fields = {f.name for f in dataclasses.fields(comp)}
-    comp = dataclasses.replace(comp, **{k: v for k, v in settings.items() if v is not None and k in fields})
-    labels = torch.arange(args.batch) % bm.num_classes
-    inputs = dict(class_labels=labels, guidance_scale=args.cfg, null_class=bm.null_class,
-                  sample_size=bm.sample_size, in_channels=bm.in_channels)
-    weights = [float(w) for w in args.search_weights.split(",")] if args.search_weights else None
-    out, cal = calibrate(
-        bm.model, schedule, inputs, args.samples, compensation=comp, cos_threshold=args.cos_threshold,
-        error_threshold=args.error_threshold, prior=args.prior, weights=weights, report=True,
-    )
-    out.save(args.out)
-    print(cal.summary(args.cos_threshold, args.error_threshold))
-    print(f"{out!r}\nwrote {args.out}")
-    return 0

@@ -25,6 +25,8 @@ import functools
 import weakref
 from typing import Any
 
+from cachecompile.runtime.cached import CachedTransformer
+
 __all__ = ["attach_to_pipeline", "loop_length"]
 
 
@@ -52,8 +54,6 @@ def attach_to_pipeline(pipe: Any) -> None:
 
     @functools.wraps(unbound)
     def progress_bar(*args: Any, **kwargs: Any) -> Any:
-        from cachecompile.runtime.cached import CachedTransformer
-
         owner = ref()
         transformer = getattr(owner, "transformer", None)
         if isinstance(transformer, CachedTransformer):

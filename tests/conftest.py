@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +113,18 @@ def fora_reference(model: torch.nn.Module, interval: int) -> CountingModel:
         block.attn1 = ReuseOnSteps(block.attn1, counter, full)
         block.ff = ReuseOnSteps(block.ff, counter, full)
     return CountingModel(ref, counter)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(repo_root: Path) -> dict[str, str]:
+    """Environment for a fresh interpreter that imports cachecompile from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH", "")]))
+    return env
+
+

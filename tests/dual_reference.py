@@ -1,4 +1,4 @@
-"""An independent eager reference of ToCa / DuCa for the tests, written from DESIGN.md and the
+"""An independent eager reference of ToCa / DuCa for the tests, written from the methods' definitions and the
 DuCa / ToCa papers' code (not from cachecompile's passes): hand-edited copies of a diffusers DiT
 whose attention, MLP and block calls cache, reuse and partially recompute in plain PyTorch."""
 

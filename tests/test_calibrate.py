@@ -9,9 +9,9 @@ import torch
 
 import cachecompile as cc
 from cachecompile.calibration import Calibration, find_inflections, measure
-from cachecompile.compensation import GOC
+from cachecompile.methods.compensation import GOC
 from cachecompile.sampling import ddim_sample
-from tests.test_compensation import TOY_REGIONS, Toy, toy_inputs
+from tests.methods.test_compensation import TOY_REGIONS, Toy, toy_inputs
 
 TURN = 5  # the planted trajectory f(t) = −|t − TURN| rises until TURN and falls after it
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cachecompile import quality as Q
+from cachecompile.tools import quality as Q
 from cachecompile.models import DIGITS_CONFIG, digits_classifier, digits_dit, read_config
 from cachecompile.models.digits import WEIGHTS_DIR
 from cachecompile.sampling import ddim_sample

@@ -26,7 +26,8 @@ Backends and the extra that provides their dependencies:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,6 +43,7 @@ __all__ = [
     "StepFn",
     "TensorSpec",
     "available_backends",
+    "check_options",
     "get_backend",
 ]
 
@@ -71,6 +73,9 @@ class Backend(Protocol):
         """Load what ``export`` wrote; checks files, checksums and versions first."""
         ...
 
+
+# Keywords every backend's export/load takes from the compiler, never from the user.
+_INTERNAL = {"self", "gm", "example_inputs", "directory", "stem", "entry", "verify", "constants", "input_names", "output_names"}
 
 # name → (module, class, modules it imports, pip extra). Modules are imported lazily so that
 # `import cachecompile.backends` never needs onnxruntime or tensorrt.
@@ -106,3 +111,33 @@ def get_backend(name: str) -> Backend:
         require(needs, key, extra)
     backend_cls = getattr(importlib.import_module(module_name), class_name)
     return backend_cls()
+
+
+def option_names(backend: Backend) -> set[str]:
+    """The options ``cachecompile.optimize(model, schedule, backend, **options)`` accepts: the
+    keywords of the backend's ``compile``, ``export`` and ``load`` (in-memory lowering goes
+    through export and load), plus any ``extra_options`` it declares."""
+    names: set[str] = set(getattr(backend, "extra_options", ()))
+    for fn in (backend.compile, backend.export, backend.load):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty):
+                names.add(p.name)
+    return names - _INTERNAL
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> Backend:
+    """The backend called ``name``, after checking ``options`` against it: an unknown option is a
+    TypeError naming the options it takes (at ``optimize``, not at the first call), and a
+    backend may check values too (``validate_options``)."""
+    backend = get_backend(name)
+    accepted = option_names(backend)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise TypeError(
+            f"backend {backend.name!r} takes no option(s) {unknown}; "
+            + (f"its options are {sorted(accepted)}" if accepted else "it takes no options")
+        )
+    validate = getattr(backend, "validate_options", None)
+    if validate is not None:
+        validate(**options)
+    return backend

@@ -26,15 +26,10 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from cachecompile.core.artifact import dtype_from_str, dtype_to_str
+from cachecompile.core.errors import ArtifactError, BackendCompileError  # noqa: F401  (the backends import them from here)
+
 ENTRY_VERSION = 1
-
-
-class ArtifactError(RuntimeError):
-    """An exported artifact cannot be loaded: missing, corrupt or built for something else."""
-
-
-class BackendCompileError(RuntimeError):
-    """A backend failed to lower a step graph. Never swallowed: there is no eager fallback."""
 
 
 @dataclass(frozen=True)
@@ -66,17 +61,6 @@ class TensorSpec:
     def describe(self) -> str:
         dims = ", ".join("?" if s is None else str(s) for s in self.shape)
         return f"{self.name}: {self.dtype}[{dims}]"
-
-
-def dtype_to_str(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_str(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ArtifactError(f"unknown dtype {name!r} in manifest entry")
-    return dtype
 
 
 # ---------------------------------------------------------------------------------------

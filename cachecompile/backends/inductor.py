@@ -89,6 +89,10 @@ class InductorBackend:
 
     name = "inductor"
 
+    def validate_options(self, *, mode: str | None = None, **_: Any) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"inductor mode {mode!r} is not one of {_MODES}")
+
     def compile(
         self,
         gm: GraphModule,
@@ -107,8 +111,7 @@ class InductorBackend:
         """
         if unknown:
             raise TypeError(f"backend 'inductor' got unknown options {sorted(unknown)}")
-        if mode not in _MODES:
-            raise ValueError(f"inductor mode {mode!r} is not one of {_MODES}")
+        self.validate_options(mode=mode)
         graph_output_nodes(gm)
         inputs, _ = graph_signature(gm, example_inputs)
         compiled = torch.compile(

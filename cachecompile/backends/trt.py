@@ -49,6 +49,8 @@ from cachecompile.backends._common import (
     graph_signature,
     make_entry,
 )
+from cachecompile.backends import cuda_device
+from cachecompile.backends.cuda_device import check_device, device_record
 from cachecompile.backends.onnx_export import DEFAULT_OPSET, export_onnx, reduced_precision_module
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -162,7 +164,7 @@ class TensorRTBackend:
         check_device(entry)
         path = directory / entry["files"]["engine"]
         runtime = trt.Runtime(_logger())
-        engine = cachecompile.runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise ArtifactError(f"tensorrt: cannot deserialize {path}; rebuild it with this TensorRT and GPU")
         return TRTStep(engine, inputs, outputs, check_inputs, f"tensorrt step {path.name}")
@@ -181,7 +183,7 @@ def _export_engine(
 
     from cachecompile.backends.trt_ops import assert_tensorrt_compatible
 
-    if not _cuda_available():
+    if not cuda_device._cuda_available():
         raise BackendCompileError("tensorrt: building an engine needs a CUDA GPU; none is available")
     inputs, outputs = graph_signature(gm, example_inputs, input_names, output_names)
     typing = resolve_typing(settings, hasattr(trt.BuilderFlag, "FP16"))
@@ -268,10 +270,6 @@ def _logger() -> Any:
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 def _stream_handle(device: torch.device) -> int:
     """The raw cudaStream_t of torch's current stream: TensorRT enqueues in torch's order."""
     return torch.cuda.current_stream(device).cuda_stream
@@ -280,32 +278,6 @@ def _stream_handle(device: torch.device) -> int:
 def _require_cuda(device: torch.device, where: str) -> None:
     if device.type != "cuda":
         raise ValueError(f"{where}: TensorRT engines take CUDA tensors, got {device}")
-
-
-def _gpu() -> tuple[str, list[int]]:
-    """Name and compute capability of the current CUDA device."""
-    return torch.cuda.get_device_name(), list(torch.cuda.get_device_capability())
-
-
-def device_record(hardware_compatible: bool = False) -> dict[str, Any]:
-    """The GPU an engine was built on: engines only run on that compute capability."""
-    name, capability = _gpu()
-    return {"name": name, "capability": capability, "hardware_compatible": hardware_compatible}
-
-
-def check_device(entry: dict[str, Any]) -> None:
-    if not _cuda_available():
-        raise ArtifactError("tensorrt: engines need a CUDA GPU; none is available")
-    device = dict(entry.get("device", {}))
-    if device.get("hardware_compatible"):
-        return
-    built = list(device.get("capability", []))
-    name, running = _gpu()
-    if built != running:
-        raise ArtifactError(
-            f"tensorrt: engine was built for compute capability {built} ({device.get('name')}), this GPU "
-            f"({name}) is {running}; rebuild the engines on this GPU (or export with hardware_compatible=True)"
-        )
 
 
 def torch_dtype_of(trt: Any, dt: Any) -> torch.dtype:

@@ -34,6 +34,7 @@ from cachecompile.backends._common import (
     graph_signature,
     make_entry,
 )
+from cachecompile.backends.cuda_device import check_device, device_record
 
 _PRECISION = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -111,8 +112,6 @@ def export_step(
     import tensorrt as trt
     import torch_tensorrt
 
-    from cachecompile.backends.trt import device_record
-
     inputs, outputs = graph_signature(gm, example_inputs, input_names, output_names)
     trt_gm = compile_step(gm, example_inputs, **settings)
     path = directory / f"{stem}.trt.ep"
@@ -126,8 +125,6 @@ def export_step(
 
 def load_step(directory: Path, entry: dict[str, Any], *, verify: bool = True) -> Any:
     import torch_tensorrt
-
-    from cachecompile.backends.trt import check_device
 
     check_entry(directory, entry, "tensorrt", verify=verify)
     check_version(entry, "torch", torch.__version__)  # the saved ExportedProgram format follows torch

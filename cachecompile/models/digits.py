@@ -181,7 +181,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m cachecompile.zoo.train_digits` to create it")
+        raise FileNotFoundError(f"{path} is missing: run `python -m cachecompile.tools.zoo.train_digits` to create it")
     # Shipped in float16 to halve the package size; models run in float32.
     return {k: v.float() for k, v in load_file(str(path)).items()}
 

@@ -13,9 +13,10 @@ import logging
 
 import torch.fx
 
-from cachecompile.schedule import StepPlan
+from cachecompile.core.program import StepIO
+from cachecompile.core.schedule import StepPlan
 from cachecompile.passes import counters
-from cachecompile.passes.regions import RegionMap
+from cachecompile.core.regions import RegionMap
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,10 @@ __all__ = [
 ]
 
 
-def cache_io(gm: torch.fx.GraphModule) -> dict:
-    """The calling convention of a step graph, ``gm(*user_inputs, *cache_inputs, *step_inputs)
-    -> (*user_outputs, *cache_writes)``: cache slot names in, cache slot names out, and the
-    per-step inputs (scalars the runtime computes each step, e.g. a forecast weight)."""
-    return gm.meta.setdefault(
-        "cachecompile",
-        {"cache_inputs": [], "cache_outputs": [], "step_inputs": [], "num_user_outputs": None, "placeholders": {}},
-    )
+def cache_io(gm: torch.fx.GraphModule) -> StepIO:
+    """The calling convention of a step graph (:class:`~cachecompile.core.program.StepIO`), kept
+    in ``gm.meta`` while the passes add cache inputs, cache outputs and per-step inputs."""
+    return gm.meta.setdefault("cachecompile", StepIO())
 
 
 def _output_node(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -54,25 +51,25 @@ def add_cache_input(gm: torch.fx.GraphModule, slot: str, like: torch.fx.Node) ->
         if key in like.meta:
             ph.meta[key] = like.meta[key]
     io = cache_io(gm)
-    io["cache_inputs"].append(slot)
-    io.setdefault("placeholders", {})[slot] = ph.name
+    io.cache_inputs.append(slot)
+    io.placeholders[slot] = ph.name
     return ph
 
 
 def add_step_input(gm: torch.fx.GraphModule, name: str, val: torch.Tensor) -> torch.fx.Node:
-    """A per-step input placeholder; the runtime asks the provider registered for ``name``'s
-    prefix (``cachecompile.runtime.cached.register_step_input``) for its value at every call. ``val`` is an
-    example (fake or real) tensor for the metadata."""
+    """A per-step input placeholder: its value depends only on the step, and the method that
+    adds it computes one value per step up front (``step_values`` in :mod:`cachecompile.methods`).
+    ``val`` is an example (fake or real) tensor for the metadata."""
     io = cache_io(gm)
-    if name in io["step_inputs"]:
-        return {n.name: n for n in gm.graph.nodes}[io["placeholders"][name]]
+    if name in io.step_inputs:
+        return {n.name: n for n in gm.graph.nodes}[io.placeholders[name]]
     graph = gm.graph
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         ph = graph.placeholder("step_" + name.replace(".", "_").replace("#", "_").replace(":", "_"))
     ph.meta["val"] = val
-    io["step_inputs"].append(name)
-    io["placeholders"][name] = ph.name
+    io.step_inputs.append(name)
+    io.placeholders[name] = ph.name
     return ph
 
 
@@ -81,7 +78,7 @@ def order_placeholders(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     io = cache_io(gm)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
-    extra = [nodes[io["placeholders"][s]] for s in io["cache_inputs"] + io["step_inputs"]]
+    extra = [nodes[io.placeholders[s]] for s in io.cache_inputs + io.step_inputs]
     user = [n for n in graph.nodes if n.op == "placeholder" and n not in extra]
     anchor = user[-1] if user else None
     for ph in extra:
@@ -96,18 +93,18 @@ def order_placeholders(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def add_cache_output(gm: torch.fx.GraphModule, slot: str, value: torch.fx.Node) -> None:
     out = _output_node(gm.graph)
     io = cache_io(gm)
-    if io["num_user_outputs"] is None:
-        io["num_user_outputs"] = len(out.args[0])
+    if io.num_user_outputs is None:
+        io.num_user_outputs = len(out.args[0])
     out.args = (tuple(out.args[0]) + (value,),)
-    io["cache_outputs"].append(slot)
+    io.cache_outputs.append(slot)
 
 
 def insert_cache_writes(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) -> torch.fx.GraphModule:
     """Expose the outputs of every region the plan writes (and fully computes) as graph outputs."""
     nodes = {n.name: n for n in gm.graph.nodes}
     io = cache_io(gm)
-    if io["num_user_outputs"] is None:
-        io["num_user_outputs"] = len(_output_node(gm.graph).args[0])
+    if io.num_user_outputs is None:
+        io.num_user_outputs = len(_output_node(gm.graph).args[0])
     n = 0
     for name in sorted(plan.writes):
         if plan.action(name).kind != "compute":

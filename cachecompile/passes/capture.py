@@ -10,49 +10,29 @@ pytree specs rebuild the user's call and output types (``Transformer2DModelOutpu
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from cachecompile.core.errors import CaptureError
+from cachecompile.core.program import CallSpec, InputLeaf
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Captured", "CaptureError", "capture", "InputLeaf"]
-
-
-class CaptureError(RuntimeError):
-    """The model could not be captured as one graph."""
-
-
-@dataclass(frozen=True)
-class InputLeaf:
-    """One flattened input of the captured call: a tensor (its position in the graph's inputs,
-    shape and dtype) or a constant that the graph was specialised on."""
-
-    name: str
-    tensor_index: int | None
-    shape: tuple[int, ...] | None = None
-    dtype: torch.dtype | None = None
-    value: Any = None
+__all__ = ["Captured", "CaptureError", "capture", "InputLeaf", "timestep_index"]
 
 
 @dataclass
 class Captured:
-    gm: torch.fx.GraphModule
-    in_spec: pytree.TreeSpec
-    out_spec: pytree.TreeSpec
-    leaves: list[InputLeaf]
-    example_inputs: list[torch.Tensor]
-    num_outputs: int
-    kwarg_order: tuple[str, ...] = ()
-    meta: dict[str, Any] = field(default_factory=dict)
+    """A captured model: the flat graph, the call convention, and the example inputs."""
 
-    @property
-    def tensor_leaves(self) -> list[InputLeaf]:
-        return [leaf for leaf in self.leaves if leaf.tensor_index is not None]
+    gm: torch.fx.GraphModule
+    call: CallSpec
+    example_inputs: list[torch.Tensor]
 
 
 def _decomposition_table() -> dict:
@@ -102,12 +82,26 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             examples.append(value.detach())
         else:
             leaves.append(InputLeaf(name, None, value=value))
-    out_spec = ep.call_spec.out_spec
-    num_outputs = len(list(gm.graph.nodes)[-1].args[0])
-    cap = Captured(gm, in_spec, out_spec, leaves, examples, num_outputs, tuple(kwargs))
-    cap.meta["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
-    log.info("captured %s: %d nodes", cap.meta["model_class"], len(gm.graph.nodes))
-    return cap
+    call = CallSpec(
+        in_spec=in_spec,
+        out_spec=ep.call_spec.out_spec,
+        leaves=leaves,
+        num_outputs=len(gm.graph.output_node().args[0]),
+        kwarg_order=tuple(kwargs),
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        timestep_arg=timestep_index(type(model)),
+    )
+    log.info("captured %s: %d nodes", call.model_class, len(gm.graph.nodes))
+    return Captured(gm, call, examples)
+
+
+def timestep_index(cls: type) -> int | None:
+    """The positional index of ``forward``'s ``timestep`` argument (``self`` not counted), if any."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters)[1:]  # drop self
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return params.index("timestep") if "timestep" in params else None
 
 
 def _flat_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:

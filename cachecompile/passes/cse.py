@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from cachecompile.schedule import StepPlan
+from cachecompile.core.schedule import StepPlan
 from cachecompile.passes import attr_value, counters
 from cachecompile.passes.effects import frozen_nodes
-from cachecompile.passes.regions import RegionMap
+from cachecompile.core.regions import RegionMap
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from cachecompile.passes.effects import has_side_effects
 
 log = logging.getLogger(__name__)
 
-__all__ = ["remove_dead_code"]
+__all__ = ["remove_dead_code", "tidy"]
 
 
 def _is_assert(node: torch.fx.Node) -> bool:
@@ -36,23 +36,32 @@ def remove_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     io = cache_io(gm)
     keep = []
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    for slot in io["cache_inputs"]:
-        ph = placeholders[io["placeholders"][slot]]
+    for slot in io.cache_inputs:
+        ph = placeholders[io.placeholders[slot]]
         if ph.users:
             keep.append(slot)
         else:
             graph.erase_node(ph)
-    io["cache_inputs"] = keep
+    io.cache_inputs = keep
     used_steps = []
-    for name in io["step_inputs"]:
-        ph = placeholders[io["placeholders"][name]]
+    for name in io.step_inputs:
+        ph = placeholders[io.placeholders[name]]
         if ph.users:
             used_steps.append(name)
         else:
             graph.erase_node(ph)
-    io["step_inputs"] = used_steps
+    io.step_inputs = used_steps
     gm.delete_all_unused_submodules()
     removed = before - len(graph.nodes)
     counters["dead_nodes_removed"] += removed
     log.debug("removed %d dead nodes", removed)
+    return gm
+
+
+def tidy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove dead code, check the graph and regenerate its code: how a pass that cut values off
+    an already built step graph ends."""
+    remove_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
     return gm

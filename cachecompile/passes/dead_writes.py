@@ -27,18 +27,19 @@ import torch.fx
 
 from cachecompile.passes import counters
 from cachecompile.passes.cache_io import cache_io
-from cachecompile.passes.dce import remove_dead_code
+from cachecompile.core.program import StepIO
+from cachecompile.passes.dce import tidy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["dead_cache_writes", "drop_dead_cache_writes"]
 
 
-def dead_cache_writes(ios: Sequence[dict], graph_of_step: Sequence[int]) -> list[set[str]]:
+def dead_cache_writes(ios: Sequence[StepIO], graph_of_step: Sequence[int]) -> list[set[str]]:
     """Per graph (``ios[i]`` is graph ``i``'s :func:`~cachecompile.passes.cache_io.cache_io`), the slots it
     writes that are dead at every step it serves. ``graph_of_step[s]`` is step ``s``'s graph."""
-    reads = [set(io["cache_inputs"]) for io in ios]
-    writes = [set(io["cache_outputs"]) for io in ios]
+    reads = [set(io.cache_inputs) for io in ios]
+    writes = [set(io.cache_outputs) for io in ios]
     live: list[set[str]] = [set() for _ in ios]
     n = len(graph_of_step)
     for s, g in enumerate(graph_of_step):
@@ -56,13 +57,11 @@ def _drop(gm: torch.fx.GraphModule, slots: set[str]) -> None:
     io = cache_io(gm)
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     values = list(out.args[0])
-    n = io["num_user_outputs"]
-    kept = [(s, v) for s, v in zip(io["cache_outputs"], values[n:]) if s not in slots]
+    n = io.num_user_outputs
+    kept = [(s, v) for s, v in zip(io.cache_outputs, values[n:]) if s not in slots]
     out.args = (tuple(values[:n] + [v for _, v in kept]),)
-    io["cache_outputs"] = [s for s, _ in kept]
-    remove_dead_code(gm)
-    gm.graph.lint()
-    gm.recompile()
+    io.cache_outputs = [s for s, _ in kept]
+    tidy(gm)
 
 
 def drop_dead_cache_writes(graphs: Sequence[torch.fx.GraphModule], graph_of_step: Sequence[int]) -> int:

@@ -37,19 +37,18 @@ What is cached, where it is not simply "a branch before its gate":
 * Wan applies its gates in float32 (``ffn(x).float() * gate``); the cached ``mlp`` output is the
   ``ffn`` output in the model's dtype, before that cast.
 
-Register another family with :func:`cachecompile.passes.regions.register_family`, or pass
-``regions=cc.RegionPatterns(...)`` to :func:`cachecompile.optimize`.
+Register another family with :func:`register_family`, or pass ``regions=cc.RegionPatterns(...)``
+to :func:`cachecompile.optimize`.
 
->>> from cachecompile.passes.regions import patterns_for
 >>> patterns_for("FluxTransformer2DModel").blocks
 ('transformer_blocks.*', 'single_transformer_blocks.*')
 """
 
 from __future__ import annotations
 
-from cachecompile.passes.regions import RegionPatterns, register_family
+from cachecompile.core.regions import RegionPatterns
 
-__all__ = ["FAMILIES"]
+__all__ = ["FAMILIES", "DEFAULT_PATTERNS", "register_family", "patterns_for"]
 
 # MM-DiT blocks (SD3, FLUX double-stream): joint attention over both streams, an MLP per stream.
 _MMDIT = {"attn": "attn", "attn2": "attn2", "mlp": "ff", "mlp_context": "ff_context"}
@@ -70,5 +69,18 @@ FAMILIES: dict[str, RegionPatterns] = {
     ),
 }
 
-for _name, _patterns in FAMILIES.items():
-    register_family(_name, _patterns)
+# Any model whose blocks are diffusers BasicTransformerBlocks (attn1 / ff; attn2 is the cross-attention).
+DEFAULT_PATTERNS = RegionPatterns(
+    blocks=("transformer_blocks.*",),
+    branches={"attn": "attn1", "cross_attn": "attn2", "mlp": "ff"},
+)
+
+
+def register_family(class_name: str, patterns: RegionPatterns) -> None:
+    """Register the region patterns of a model family (by the model's class name)."""
+    FAMILIES[class_name] = patterns
+
+
+def patterns_for(model_class_name: str) -> RegionPatterns:
+    """The registered patterns of a model class (by name), else :data:`DEFAULT_PATTERNS`."""
+    return FAMILIES.get(model_class_name, DEFAULT_PATTERNS)

@@ -13,9 +13,9 @@ import logging
 import torch
 import torch.fx
 
-from cachecompile.schedule import StepPlan
+from cachecompile.core.schedule import StepPlan
 from cachecompile.passes import counters
-from cachecompile.passes.regions import RegionMap
+from cachecompile.core.regions import RegionMap
 
 log = logging.getLogger(__name__)
 

@@ -1,30 +1,21 @@
-"""The deployable artifact: a cached model's step graphs, exported once, loaded anywhere.
-
-``cached.export(path, format)`` writes one directory::
-
-    manifest.json     schedule, region map, call structure, step → graph map, versions,
-                      and one backend entry per step graph (files, checksums, I/O specs)
-    step0.pt2 ...     one file (or several) per distinct step plan, written by the backend
-                      (aoti: step<i>.pt2; onnx: step<i>.onnx; tensorrt: step<i>.onnx + .engine)
-    weights.pt        aoti only: the weights, once for all step graphs (the packages hold kernels)
-    step_inputs.pt    per-step input values (compensation coefficients, step index), if any
+"""Loading a deployable artifact: the directory :mod:`cachecompile.compile.export` wrote (its
+format: :mod:`cachecompile.core.artifact`) becomes a :class:`~cachecompile.core.program.StepProgram`
+run by a :class:`~cachecompile.runtime.cached.CachedTransformer`, the same runtime as the
+in-memory model.
 
 ``cachecompile.load(path)`` checks the whole directory (files, checksums, versions, that the
-step graphs fit together and every cache slot is written before it is read) and returns a
-:class:`~cachecompile.runtime.cached.CachedTransformer` that replays the schedule with the same runtime as
-the in-memory one. It needs neither the model's Python code nor its weights object: the process
-that loads it never imports the model's class (nor diffusers, when the model was called with
+step graphs fit together and every cache slot is written before it is read) before anything
+runs. It needs neither the model's Python code nor its weights object: the process that loads
+it never imports the model's class (nor diffusers, when the model was called with
 ``return_dict=False``; with ``return_dict=True`` the output type's module is imported to rebuild
-it, see :func:`load_artifact`).
+it; see :meth:`~cachecompile.runtime.cached.CachedTransformer.from_artifact`).
 
->>> import cachecompile as cc                                               # doctest: +SKIP
->>> cached = cc.optimize(model, cc.Schedule.fora(20, 3), example_kwargs=call)  # doctest: +SKIP
->>> cached.export("dit-fora3", format="onnx")                               # doctest: +SKIP
->>> deployed = cc.load("dit-fora3")      # in any process                   # doctest: +SKIP
->>> out = deployed(**call)                                                  # doctest: +SKIP
+>>> import cachecompile as cc                 # doctest: +SKIP
+>>> deployed = cc.load("dit-fora3")           # doctest: +SKIP
+>>> out = deployed(**call)                    # doctest: +SKIP
 
 An artifact serves the call it was captured on: the same argument structure, shapes, dtypes
-and constant arguments (a different shape is an :class:`~cachecompile.runtime.cached.InputMismatchError` on
+and constant arguments (a different shape is an :class:`~cachecompile.InputMismatchError` on
 the first call, before anything runs), and the schedule's number of steps.
 """
 
@@ -36,310 +27,26 @@ import importlib
 import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch.utils import _pytree as pytree
 
-from cachecompile.backends import ArtifactError, get_backend
-from cachecompile.backends._common import TensorSpec, dtype_from_str, dtype_to_str, sha256_file
+from cachecompile.backends import get_backend
+from cachecompile.backends._common import TensorSpec, sha256_file
+from cachecompile.core.artifact import (
+    ARTIFACT_FORMAT, FORMATS, MANIFEST, TORCH_BOUND, dtype_to_str, leaf_from_json, region_map_from_json,
+)
+from cachecompile.core.errors import ArtifactError
+from cachecompile.core.program import CallSpec, StepIO, StepProgram
+from cachecompile.core.schedule import Schedule
+from cachecompile.runtime.steps import check_calls_per_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACT_FORMAT", "FORMATS", "export_cached", "load_artifact", "load", "read_manifest"]
-
-ARTIFACT_FORMAT = "cachecompile.artifact/1"
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.pt"
-STEP_INPUTS = "step_inputs.pt"
-
-# The user-facing format → the backend that writes and runs it.
-FORMATS = {"aoti": "aoti", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
-
-# Backends whose files only run under the torch version that built them (a compiled .so against
-# torch's C++ ABI). ONNX and TensorRT files do not depend on torch's version.
-_TORCH_BOUND = {"aoti"}
-
-
-# =========================================================================== export
-
-
-def export_cached(cached: Any, path: str | os.PathLike, format: str = "aoti", *, overwrite: bool = False, **options: Any) -> Path:
-    """Write ``cached``'s step graphs, schedule and calling convention into directory ``path``.
-
-    ``format``: ``"aoti"`` (AOTInductor packages; weights saved once in ``weights.pt`` unless
-    ``weights="embedded"``), ``"onnx"`` (ONNX models run by ONNX Runtime; ``opset_version=20``
-    by default) or ``"tensorrt"`` (engines built from those ONNX models; needs ``tensorrt``).
-    Other ``options`` go to the backend's ``export`` (``inductor_configs``, ``precision="fp16"`` ...).
-
-    ``cached`` must be captured (called once, or optimized with example inputs). The export is
-    all or nothing: it is written into a temporary sibling directory and moved into place at the
-    end. ``path`` must not exist, be an empty directory, or (with ``overwrite=True``) hold an
-    earlier artifact, which is then replaced. Returns ``path``.
-
-    >>> cached.export("out/dit", format="onnx")   # doctest: +SKIP
-    PosixPath('out/dit')
-    """
-    if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
-    cap = getattr(cached, "_captured", None)
-    if cap is None:
-        raise RuntimeError(
-            "this model has not been captured yet, so there is nothing to export: call it once with the "
-            "inputs it will serve (e.g. one sampling step), or pass them to cachecompile.optimize(model, "
-            "schedule, example_kwargs=...), then export"
-        )
-    if not cached._graphs:
-        raise RuntimeError(
-            "this model was loaded from an artifact and has no step graphs to export again; copy the "
-            "artifact directory instead"
-        )
-    backend = get_backend(FORMATS[format])  # ImportError naming the pip extra when it is missing
-    target = Path(path)
-    _check_target(target, overwrite)
-    if backend.name == "aoti":
-        options.setdefault("weights", "external")
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artifact is an ordinary directory
-    try:
-        manifest = _write_artifact(cached, staging, backend, format, options)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _replace(target, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("cachecompile: exported %d step graphs (%s) to %s", len(manifest["graphs"]), format, target)
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; choose another export path")
-    if not any(target.iterdir()):
-        return
-    if not (target / MANIFEST).is_file():
-        # Never delete a directory we did not write.
-        raise FileExistsError(f"{target} is not empty and holds no cachecompile artifact; choose a new or empty directory")
-    if not overwrite:
-        raise FileExistsError(f"{target} already holds an artifact; pass overwrite=True (CLI: --force) to replace it")
-
-
-def _replace(target: Path, staging: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)  # an empty directory, or an artifact the caller asked to replace
-    staging.rename(target)
-
-
-def _write_artifact(cached: Any, directory: Path, backend: Any, format: str, options: dict[str, Any]) -> dict[str, Any]:
-    from cachecompile.passes.cache_io import cache_io
-    from cachecompile.runtime.cached import _positional_index
-
-    import cachecompile
-
-    cap = cached._captured
-    user_names = [leaf.name for leaf in cap.tensor_leaves]
-    graphs, constants = [], []
-    for i, gm in enumerate(cached._graphs):
-        io = cache_io(gm)
-        entry = backend.export(
-            gm, cached._example_inputs(cap, gm), directory, f"step{i}",
-            input_names=user_names + [f"cache.{s}" for s in io["cache_inputs"]] + [f"step.{s}" for s in io["step_inputs"]],
-            output_names=[f"output.{j}" for j in range(cap.num_outputs)] + [f"cache_write.{s}" for s in io["cache_outputs"]],
-            **options,
-        )
-        graphs.append({
-            "entry": entry,
-            "cache_inputs": list(io["cache_inputs"]),
-            "cache_outputs": list(io["cache_outputs"]),
-            "step_inputs": list(io["step_inputs"]),
-            "plan": _plan_of(cached, i),
-        })
-        constants.append(gm)
-
-    weights = None
-    if any("constants" in g["entry"] for g in graphs):  # aoti with weights="external"
-        weights = _save_weights(directory, graphs, constants)
-    shared = getattr(backend, "share_weights", None)  # onnxruntime: one weights file for all graphs
-    onnx_weights = shared(directory, [g["entry"] for g in graphs]) if shared is not None else None
-    step_inputs = _save_step_inputs(directory, cached, graphs)
-
-    model = cached.model
-    return {
-        "format": ARTIFACT_FORMAT,
-        "export_format": format,
-        "backend": backend.name,
-        "model_class": cap.meta.get("model_class", ""),
-        "model_config": _config_of(model),
-        "schedule": cached.schedule.to_dict(),
-        "regions": _region_map_json(cached.region_map),
-        "in_spec": pytree.treespec_dumps(cap.in_spec),
-        "out_spec": pytree.treespec_dumps(cap.out_spec),
-        "out_type": _out_type(cap.out_spec),
-        "leaves": [_leaf_json(leaf) for leaf in cap.leaves],
-        "kwarg_order": list(cap.kwarg_order),
-        "num_outputs": cap.num_outputs,
-        "timestep_arg": _positional_index(type(model), "timestep"),
-        "device": str(cap.example_inputs[0].device) if cap.example_inputs else "cpu",
-        "calls_per_step": cached._clock.declared,
-        "graph_of_step": list(cached._graph_of_step),
-        "graphs": graphs,
-        "weights": weights,
-        "onnx_weights": onnx_weights,
-        "step_inputs": step_inputs,
-        "versions": {
-            "torch": torch.__version__,
-            "cachecompile": cachecompile.__version__,
-            "python": ".".join(map(str, sys.version_info[:3])),
-        },
-    }
-
-
-def _plan_of(cached: Any, index: int) -> str:
-    for plan, gm in cached.step_graphs.items():
-        if gm is cached._graphs[index]:
-            return plan.describe()
-    return ""
-
-
-def _save_weights(directory: Path, graphs: list[dict], gms: list[torch.fx.GraphModule]) -> dict[str, Any]:
-    """Every constant the step graphs read, once. Graphs share the model's parameters under the
-    same names; a name that holds *different* tensors in two graphs (a constant a pass lifted
-    into one graph) is stored per graph, so no graph is ever handed another graph's tensor."""
-    from cachecompile.backends.aoti import graph_constants
-
-    stored: dict[str, torch.Tensor] = {}
-    for i, (g, gm) in enumerate(zip(graphs, gms)):
-        have = graph_constants(gm)
-        keys = {}
-        for spec in g["entry"].get("constants", []):
-            name = spec["name"]
-            if name not in have:
-                raise RuntimeError(f"aoti step graph {i} needs constant {name!r}, which the graph does not hold (a bug: please report it)")
-            tensor = _compact(have[name])
-            key = name
-            if key in stored and not _same_tensor(stored[key], tensor):
-                key = f"step{i}/{name}"
-            stored.setdefault(key, tensor)
-            keys[name] = key
-        g["constants"] = keys
-    torch.save(stored, directory / WEIGHTS)
-    return {"file": WEIGHTS, "sha256": sha256_file(directory / WEIGHTS), "count": len(stored),
-            "bytes": sum(t.numel() * t.element_size() for t in stored.values())}
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor that owns exactly its bytes: ``torch.save`` writes a view's whole
-    storage, and AOTInductor uses the loaded memory in place (it must be contiguous)."""
-    t = t.detach()
-    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
-        return True
-    return bool(torch.equal(a, b))
-
-
-def _save_step_inputs(directory: Path, cached: Any, graphs: list[dict]) -> dict[str, Any] | None:
-    """Evaluate every per-step input at every step that uses it and store the values: the loaded
-    artifact replays them without the providers (they are pure functions of the step)."""
-    from cachecompile.runtime.cached import step_input_value
-
-    names = sorted({n for g in graphs for n in g["step_inputs"]})
-    if not names:
-        return None
-    stored: dict[str, torch.Tensor] = {}
-    table: dict[str, list[str | None]] = {n: [None] * len(cached._graph_of_step) for n in names}
-    for step, idx in enumerate(cached._graph_of_step):
-        for name in graphs[idx]["step_inputs"]:
-            value = _compact(step_input_value(cached, step, name))
-            # Most values repeat across steps (a prior table, a zero coefficient): store each once.
-            same = next((k for k in dict.fromkeys(table[name]) if k is not None and _same_tensor(stored[k], value)), None)
-            if same is None:
-                same = f"{name}@{step}"
-                stored[same] = value
-            table[name][step] = same
-    torch.save(stored, directory / STEP_INPUTS)
-    return {"file": STEP_INPUTS, "sha256": sha256_file(directory / STEP_INPUTS), "values": table}
-
-
-def _config_of(model: Any) -> dict[str, Any] | None:
-    """The model's config (diffusers' ``model.config``), kept so ``loaded.config`` answers the
-    questions a sampling loop asks (``sample_size``, ``in_channels``); JSON values only."""
-    config = getattr(model, "config", None)
-    if not isinstance(config, Mapping):
-        return None
-    out = {}
-    for k, v in config.items():
-        try:
-            out[str(k)] = json.loads(json.dumps(v))
-        except (TypeError, ValueError):
-            continue
-    return out
-
-
-def _region_map_json(region_map: Any) -> dict[str, Any]:
-    return {
-        "layout": {"branches": [list(b) for b in region_map.layout.branches], "has_stack": region_map.layout.has_stack},
-        "patterns": {
-            "blocks": list(region_map.patterns.blocks),
-            "branches": dict(region_map.patterns.branches),
-            "block_branches": {k: dict(v) for k, v in region_map.patterns.block_branches.items()},
-        },
-        "regions": {
-            name: {"path": r.path, "nodes": sorted(r.nodes), "outputs": list(r.outputs), "inputs": list(r.inputs)}
-            for name, r in region_map.regions.items()
-        },
-    }
-
-
-def _out_type(spec: pytree.TreeSpec) -> dict[str, Any] | None:
-    """The output's top-level type when it is not a builtin (``Transformer2DModelOutput``)."""
-    t = spec.type
-    if t is None or t.__module__ == "builtins":
-        return None
-    context = spec.context
-    fields = list(context) if isinstance(context, (list, tuple)) and all(isinstance(c, str) for c in context) else None
-    return {"module": t.__module__, "name": t.__qualname__, "fields": fields}
-
-
-def _leaf_json(leaf: Any) -> dict[str, Any]:
-    value = leaf.value
-    if leaf.tensor_index is None:
-        try:
-            ok = json.loads(json.dumps(value)) == value
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"constant argument {leaf.name}={value!r} cannot be written to the artifact manifest (JSON numbers, "
-                f"strings, booleans and None only); call the model with a tensor or a plain value instead"
-            )
-    return {
-        "name": leaf.name,
-        "tensor_index": leaf.tensor_index,
-        "shape": None if leaf.shape is None else list(leaf.shape),
-        "dtype": None if leaf.dtype is None else dtype_to_str(leaf.dtype),
-        "value": value,
-    }
+__all__ = ["ArtifactConfig", "Loaded", "load_program", "read_manifest"]
 
 
 # =========================================================================== load
@@ -369,35 +76,27 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_artifact(
+@dataclass
+class Loaded:
+    """What an artifact holds for the runtime: the program, the declared calls per step and the
+    exported model's config."""
+
+    program: StepProgram
+    calls_per_step: int | str
+    config: "ArtifactConfig | None"
+
+
+def load_program(
     path: str | os.PathLike,
     *,
     calls_per_step: int | str | None = None,
     verify: bool = True,
     import_output_type: bool = True,
     **backend_options: Any,
-) -> Any:
-    """Load an exported directory as a runnable :class:`~cachecompile.runtime.cached.CachedTransformer`.
-
-    Everything is checked before any step runs: the manifest's format version, every file and
-    its sha256 (``verify=False`` skips the hashing), the torch version for AOTInductor packages,
-    that each graph's inputs are the captured call's and that every cache slot a step reads is
-    written by an earlier step. Failures raise :class:`ArtifactError` saying what to do.
-
-    ``calls_per_step`` overrides the exported value (``"auto"``, or 2 when a pipeline calls the
-    transformer twice per step). ``backend_options`` go to the backend's ``load``
-    (``providers=[...]`` for ONNX Runtime ...).
-
-    Outputs: when the model returned its own type (diffusers' ``Transformer2DModelOutput``), its
-    module is imported to rebuild it (``import_output_type=False`` never imports it). If it
-    cannot be imported, the loaded model returns a namedtuple with the same field names
-    (``out.sample`` and ``out[0]`` both work).
-
-    >>> import cachecompile as cc                 # doctest: +SKIP
-    >>> deployed = cc.load("dit-fora3")           # doctest: +SKIP
-    """
-    from cachecompile.runtime.cached import CachedTransformer
-
+) -> Loaded:
+    """Read and check an exported directory (see :meth:`CachedTransformer.from_artifact
+    <cachecompile.runtime.cached.CachedTransformer.from_artifact>`, which ``cachecompile.load``
+    calls) into the :class:`~cachecompile.core.program.StepProgram` it holds."""
     directory = Path(path)
     if directory.name == MANIFEST:
         directory = directory.parent
@@ -407,12 +106,10 @@ def load_artifact(
     backend = get_backend(m["backend"])  # ImportError naming the pip extra when it is missing
     _check_load_options(backend, backend_options)
     try:
-        return _build(directory, m, backend, calls_per_step, verify, import_output_type, backend_options, CachedTransformer)
+        return _build(directory, m, backend, calls_per_step, verify, import_output_type, backend_options)
     except (KeyError, TypeError, IndexError) as e:
         raise ArtifactError(f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e}); re-export the model") from e
 
-
-load = load_artifact
 
 
 def _check_load_options(backend: Any, options: Mapping[str, Any]) -> None:
@@ -427,14 +124,10 @@ def _check_load_options(backend: Any, options: Mapping[str, Any]) -> None:
 
 def _build(
     directory: Path, m: dict, backend: Any, calls_per_step: Any, verify: bool, import_output_type: bool,
-    backend_options: dict[str, Any], cached_cls: type,
-) -> Any:
-    from cachecompile.schedule import Layout, Schedule
-    from cachecompile.passes.capture import Captured, InputLeaf
-    from cachecompile.passes.regions import Region, RegionMap, RegionPatterns
-
+    backend_options: dict[str, Any],
+) -> Loaded:
     backend_name = m["backend"]
-    if backend_name in _TORCH_BOUND and m["versions"].get("torch") != torch.__version__:
+    if backend_name in TORCH_BOUND and m["versions"].get("torch") != torch.__version__:
         raise ArtifactError(
             f"{directory} was exported with torch {m['versions'].get('torch')}, but torch {torch.__version__} is "
             f"running; its {backend_name} packages only run under the torch that built them: install "
@@ -447,21 +140,17 @@ def _build(
             f"the artifact's schedule cannot be read by this cachecompile ({e}); if it uses a method or compensation "
             f"registered by your code, import that module before loading"
         ) from e
-    leaves = [
-        InputLeaf(d["name"], d["tensor_index"], None if d["shape"] is None else tuple(d["shape"]),
-                  None if d["dtype"] is None else dtype_from_str(d["dtype"]), d["value"])
-        for d in m["leaves"]
-    ]
+    leaves = [leaf_from_json(d) for d in m["leaves"]]
     graphs, graph_of_step = m["graphs"], [int(i) for i in m["graph_of_step"]]
     _check_consistency(directory, m, schedule, leaves, graphs, graph_of_step)
+    cps = m["calls_per_step"] if calls_per_step is None else calls_per_step
+    check_calls_per_step(cps)
 
     device = torch.device(m.get("device", "cpu"))
     weights = _load_tensors(directory, m["weights"], "weights", verify, device) if m["weights"] else None
     step_table = _load_step_inputs(directory, m["step_inputs"], verify, graph_of_step, graphs, device)
-
-    regions = m["regions"]
-    layout = Layout(tuple(tuple(b) for b in regions["layout"]["branches"]), bool(regions["layout"]["has_stack"]))
-    plans = _check_plans(schedule, layout, graph_of_step)
+    region_map = region_map_from_json(m["regions"])
+    plans = _check_plans(schedule, region_map.layout, graph_of_step)
 
     runners = []  # last: the native loads are the expensive part
     for g in graphs:
@@ -469,36 +158,34 @@ def _build(
         if "constants" in g:
             options["constants"] = {name: weights[key] for name, key in g["constants"].items()}  # type: ignore[index]
         runners.append(backend.load(directory, g["entry"], verify=verify, **options))
-    region_map = RegionMap(
-        {name: Region(name, r["path"], frozenset(r["nodes"]), tuple(r["outputs"]), tuple(r["inputs"]))
-         for name, r in regions["regions"].items()},
-        layout,
-        RegionPatterns(tuple(regions["patterns"]["blocks"]), dict(regions["patterns"]["branches"]),
-                       {k: dict(v) for k, v in regions["patterns"]["block_branches"].items()}),
+    floats = [leaf.dtype for leaf in leaves if leaf.dtype is not None and leaf.dtype.is_floating_point]
+    num_outputs = int(m["num_outputs"])
+    program = StepProgram(
+        call=CallSpec(
+            in_spec=_treespec(m["in_spec"], "input"),
+            out_spec=_output_spec(m, import_output_type),
+            leaves=leaves,
+            num_outputs=num_outputs,
+            kwarg_order=tuple(m["kwarg_order"]),
+            model_class=m["model_class"],
+            timestep_arg=m["timestep_arg"],
+        ),
+        runners=runners,
+        io=[StepIO.from_json(g, num_outputs) for g in graphs],
+        graph_of_step=graph_of_step,
+        step_values=step_table,
+        schedule=schedule,
+        backend=backend_name,
+        reuses_outputs=any(getattr(r, "reuses_outputs", False) for r in runners),
+        plans=plans,
+        region_map=region_map,
+        device=device,
+        dtype=floats[0] if floats else torch.float32,
+        source=str(directory),
     )
-    captured = Captured(
-        gm=None,  # type: ignore[arg-type]  # no graph: the backend's files are the graphs
-        in_spec=_treespec(m["in_spec"], "input"),
-        out_spec=_output_spec(m, import_output_type),
-        leaves=leaves,
-        example_inputs=[],
-        num_outputs=int(m["num_outputs"]),
-        kwarg_order=tuple(m["kwarg_order"]),
-        meta={"model_class": m["model_class"], "timestep_arg": m["timestep_arg"], "artifact": str(directory),
-              "device": str(device)},
-    )
-
-    cps = m["calls_per_step"] if calls_per_step is None else calls_per_step
-    cached = cached_cls(None, schedule, backend=backend_name, calls_per_step=cps)
-    cached._captured, cached.region_map, cached.plans = captured, region_map, plans
-    cached._graph_of_step, cached._runners = graph_of_step, runners
-    cached._io = [{k: list(g[k]) for k in ("cache_inputs", "cache_outputs", "step_inputs")} for g in graphs]
-    cached._step_values = step_table
-    if m.get("model_config") is not None:
-        cached.config = ArtifactConfig(m["model_config"])
-    cached.reset()
+    config = ArtifactConfig(m["model_config"]) if m.get("model_config") is not None else None
     log.info("cachecompile: loaded %s (%d step graphs, %s)", directory, len(runners), backend_name)
-    return cached
+    return Loaded(program, cps, config)
 
 
 class ArtifactConfig(dict):
@@ -521,7 +208,7 @@ def _check_consistency(
     if not graphs or any(not 0 <= i < len(graphs) for i in graph_of_step):
         raise ArtifactError(f"{where}: the step → graph map refers to graphs that are not in the manifest; re-export")
     n_out = int(m["num_outputs"])
-    user = [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in m["leaves"] if d["tensor_index"] is not None]
+    user = [TensorSpec(leaf.name, leaf.shape, dtype_to_str(leaf.dtype)) for leaf in leaves if leaf.tensor_index is not None]
     slot_specs: dict[str, TensorSpec] = {}
     for i, g in enumerate(graphs):
         entry = g["entry"]

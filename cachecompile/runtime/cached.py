@@ -1,74 +1,34 @@
 """``CachedTransformer``: the drop-in module that replays a cache schedule.
 
-It captures the model on its first real call (or on the example inputs given to
-:func:`cachecompile.optimize`), builds one step graph per distinct plan, lowers each through the
-chosen backend, and on every call picks the step graph of the current step, feeds it the cache
-tensors, stores the tensors it writes, and rebuilds the model's own output type.
+It executes a :class:`~cachecompile.core.program.StepProgram`: on every call it picks the step
+graph of the current step, feeds it the cache tensors and the step's inputs, stores the tensors
+it writes, and rebuilds the model's own output type. The program comes from the compiler that
+:func:`cachecompile.optimize` hands it (built on the first real call, or on the example inputs),
+or from an artifact (:mod:`cachecompile.runtime.artifact`); the runtime never imports the
+compiler, and both kinds of program run through the same code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import itertools
 import logging
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
 
-from cachecompile.schedule import Schedule, StepPlan
-from cachecompile.passes import build_step_graph, finish_step_graphs
-from cachecompile.passes.cache_io import cache_io
-from cachecompile.passes.capture import Captured, capture
-from cachecompile.passes.regions import RegionMap, RegionPatterns, find_regions
+from cachecompile.core.errors import InputMismatchError
+from cachecompile.core.program import ProgramBuilder, StepProgram
+from cachecompile.core.regions import RegionMap
+from cachecompile.core.schedule import Schedule, StepPlan
+from cachecompile.runtime.artifact import load_program
 from cachecompile.runtime.cache_store import CacheStore
 from cachecompile.runtime.steps import StepClock, timestep_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CachedTransformer", "InputMismatchError"]
-
-Runner = Callable[..., Sequence[torch.Tensor]]
-
-
-class InputMismatchError(ValueError):
-    """A call whose inputs do not match the captured ones (shape, dtype, structure, constants)."""
-
-
-# Per-step graph inputs (see cachecompile.passes.cache_io.add_step_input): name prefix (before the first ":")
-# → fn(cached, step, name) -> Tensor. Keeps per-step scalars out of the graphs, so the number of
-# step graphs does not grow with the number of steps.
-STEP_INPUTS: dict[str, Callable[["CachedTransformer", int, str], torch.Tensor]] = {}
-
-
-def register_step_input(prefix: str, fn: Callable[["CachedTransformer", int, str], torch.Tensor]) -> None:
-    STEP_INPUTS[prefix] = fn
-
-
-def step_input_value(cached: "CachedTransformer", step: int, name: str) -> torch.Tensor:
-    prefix = name.split(":", 1)[0]
-    if prefix not in STEP_INPUTS:
-        raise RuntimeError(f"no provider registered for step input {name!r} (prefix {prefix!r})")
-    return STEP_INPUTS[prefix](cached, step, name)
-
-
-def _lower(backend: str, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], options: Mapping[str, Any]) -> Runner:
-    if backend == "eager":
-        return gm
-    from cachecompile.backends import get_backend
-
-    return get_backend(backend).compile(gm, example_inputs, **options)
-
-
-def check_backend(backend: str) -> None:
-    """Fail early (before any capture) on an unknown backend or a missing optional dependency."""
-    if backend == "eager":
-        return
-    from cachecompile.backends import get_backend
-
-    get_backend(backend)
+__all__ = ["CachedTransformer", "HoldsModel", "InputMismatchError"]
 
 
 class HoldsModel(torch.nn.Module):
@@ -116,55 +76,70 @@ def _placement(model: torch.nn.Module) -> set[tuple[torch.device, torch.dtype]]:
 
 
 class CachedTransformer(HoldsModel):
-    """A transformer whose calls follow a cache schedule. Build it with :func:`cachecompile.optimize`.
+    """A transformer whose calls follow a cache schedule. Build it with :func:`cachecompile.optimize`
+    (or load one with :func:`cachecompile.load`).
 
     Attributes:
         schedule: the :class:`~cachecompile.Schedule`.
-        plans: one :class:`~cachecompile.schedule.StepPlan` per step (after the first call).
+        plans: one :class:`~cachecompile.core.schedule.StepPlan` per step (after the first call).
         step_graphs: each distinct plan → its rewritten ``GraphModule``.
         region_map: the regions found in the captured graph.
+        program: the :class:`~cachecompile.core.program.StepProgram` being executed.
     """
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         schedule: Schedule,
         *,
-        backend: str = "eager",
-        regions: RegionPatterns | None = None,
+        builder: ProgramBuilder | None = None,
+        program: StepProgram | None = None,
         calls_per_step: int | str = 1,
-        backend_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(model)  # the step graphs share the model's parameter tensors
+        if builder is None and program is None:
+            raise ValueError("a CachedTransformer runs a program: give it a builder (cc.optimize) or a program (cc.load)")
         self.schedule = schedule
-        self.backend = backend
-        # Counts calls into (step, call within step) and checks they fit the schedule (cachecompile.runtime.steps).
+        self._builder = builder
+        # Counts calls into (step, call within step) and checks they fit the schedule (runtime.steps).
         self._clock = StepClock(schedule.num_steps, calls_per_step)
         self._context: Any = None  # the pipeline's cache_context name for the current call
-        self._patterns = regions
-        self._backend_options = dict(backend_options or {})
         self._store = CacheStore()
-        self._forget_capture()
+        self._program: StepProgram | None = None
+        if program is not None:
+            self._run(program)
 
-    def _forget_capture(self) -> None:
-        """The state before the first call (and after a move): nothing captured or compiled."""
-        self._captured: Captured | None = None
-        self.region_map: RegionMap | None = None
-        self.plans: list[StepPlan] | None = None
-        self.step_graphs: dict[StepPlan, torch.fx.GraphModule] = {}
-        self._graph_of_step: list[int] = []
-        self._graphs: list[torch.fx.GraphModule] = []
-        self._runners: list[Runner] = []
-        # Per graph: its cache_io (slot names in/out, step inputs). A model loaded from an artifact
-        # (cachecompile.runtime.artifact) has these and the runners but no GraphModules, and carries its
-        # per-step input values in _step_values instead of asking the providers.
-        self._io: list[dict] = []
-        self._step_values: dict[str, list[torch.Tensor | None]] | None = None
+    def _run(self, program: StepProgram) -> None:
+        """Execute ``program`` from now on, starting with a new generation."""
+        self._program = program
+        self._store.in_place = program.reuses_outputs
+        self.reset()
 
     # ------------------------------------------------------------------ properties
     @property
+    def program(self) -> StepProgram | None:
+        """The step program being executed (``None`` before the first call)."""
+        return self._program
+
+    @property
+    def backend(self) -> str:
+        return self._builder.backend if self._builder is not None else self._program.backend  # type: ignore[union-attr]
+
+    @property
     def is_captured(self) -> bool:
-        return self._captured is not None
+        return self._program is not None
+
+    @property
+    def plans(self) -> list[StepPlan] | None:
+        return self._program.plans if self._program is not None else None
+
+    @property
+    def step_graphs(self) -> dict[StepPlan, torch.fx.GraphModule]:
+        return self._program.step_graphs() if self._program is not None else {}
+
+    @property
+    def region_map(self) -> RegionMap | None:
+        return self._program.region_map if self._program is not None else None
 
     @property
     def step(self) -> int:
@@ -189,45 +164,20 @@ class CachedTransformer(HoldsModel):
         Called by the first ``forward``; call it yourself to pay the cost up front. All or
         nothing: on error the module stays uncaptured.
         """
-        captured = capture(self._model, args, kwargs)
-        region_map = find_regions(captured.gm, self._patterns, captured.meta["model_class"])
-        plans = self.schedule.resolve(region_map.layout)
-        distinct: dict[StepPlan, int] = {}
-        graph_of_step = [distinct.setdefault(p, len(distinct)) for p in plans]
-        graphs = [build_step_graph(captured.gm, region_map, p) for p in distinct]
-        finish_step_graphs(graphs, graph_of_step)  # schedule-wide: dead cache writes, then what they free
-        runners = [
-            _lower(self.backend, gm, self._example_inputs(captured, gm), self._backend_options) for gm in graphs
-        ]
-        self._captured, self.region_map, self.plans = captured, region_map, plans
-        self._graph_of_step, self._graphs, self._runners = graph_of_step, graphs, runners
-        self._io = [cache_io(gm) for gm in graphs]
-        # CUDA-graph runners overwrite their outputs on the next call: copy cache writes then.
-        self._store.in_place = any(getattr(r, "reuses_outputs", False) for r in runners)
-        self.step_graphs = dict(zip(distinct, graphs))
-        self.reset()
-        log.info("cachecompile: %d steps → %d step graphs (%s)", len(plans), len(graphs), self.backend)
+        if self._builder is None:
+            raise RuntimeError("this model was loaded from an artifact: its step graphs are built already")
+        self._run(self._builder.build(self._model, args, kwargs))
         return self
 
-    @staticmethod
-    def _example_inputs(captured: Captured, gm: torch.fx.GraphModule) -> list[torch.Tensor]:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        cache = placeholders[len(captured.example_inputs) :]
-        device = captured.example_inputs[0].device if captured.example_inputs else None
-        zeros = [torch.zeros(p.meta["val"].shape, dtype=p.meta["val"].dtype, device=device) for p in cache]
-        return list(captured.example_inputs) + zeros
-
     def _apply(self, fn: Any, recurse: bool = True) -> "CachedTransformer":
-        cap = self._captured
-        if self._model is None and cap is not None and "device" in cap.meta:
+        program = self._program
+        if self._builder is None and program is not None and program.device is not None:
             # Loaded from an artifact: its engines were built for one device and dtype.
-            device = torch.device(cap.meta["device"])
-            floats = [leaf.dtype for leaf in cap.leaves if leaf.dtype is not None and leaf.dtype.is_floating_point]
-            dtype = floats[0] if floats else torch.float32
+            device, dtype = program.device, program.dtype or torch.float32
             probe = fn(torch.empty(0, device=device, dtype=dtype))
             if (probe.device, probe.dtype) != (device, dtype):
                 raise RuntimeError(
-                    f"{cap.meta.get('artifact', 'this artifact')} runs on {device} in "
+                    f"{program.source or 'this artifact'} runs on {device} in "
                     f"{str(dtype).removeprefix('torch.')}, as exported; it cannot move to {probe.device} in "
                     f"{str(probe.dtype).removeprefix('torch.')}: export it again from a model on that device and dtype"
                 )
@@ -236,11 +186,11 @@ class CachedTransformer(HoldsModel):
     def _model_moved(self) -> None:
         # The step graphs were captured and compiled for the old devices/dtypes: like a
         # torch.compile'd module, capture and compile again on the next call.
-        if self._captured is None:
+        if self._program is None:
             return
         log.info("cachecompile: the model moved to %s; its step graphs are rebuilt on the next call",
                  sorted({f"{d}/{str(t).removeprefix('torch.')}" for d, t in _placement(self._model)}))
-        self._forget_capture()
+        self._program = None
         self.reset()
 
     def reset(self) -> None:
@@ -251,7 +201,7 @@ class CachedTransformer(HoldsModel):
     def begin_generation(self, num_steps: int | None = None) -> None:
         """Pipeline hook: a generation of ``num_steps`` denoising steps starts now.
 
-        Raises :class:`~cachecompile.runtime.steps.StepMismatchError` (before any step runs) when
+        Raises :class:`~cachecompile.StepMismatchError` (before any step runs) when
         ``num_steps`` differs from the schedule's, then makes the next call step 0; the cache
         buffers are kept. ``cc.optimize(pipe, schedule)`` makes the pipeline call it at the start
         of every denoising loop; a hand-written loop may call it too::
@@ -273,20 +223,19 @@ class CachedTransformer(HoldsModel):
             self._context = previous
 
     # ------------------------------------------------------------------ calling
-    def _tensor_inputs(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        cap = self._captured
-        assert cap is not None
-        if set(kwargs) == set(cap.kwarg_order):  # keyword order is free in Python, not in a pytree spec
-            kwargs = {k: kwargs[k] for k in cap.kwarg_order}
+    def _tensor_inputs(self, program: StepProgram, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        call = program.call
+        if set(kwargs) == set(call.kwarg_order):  # keyword order is free in Python, not in a pytree spec
+            kwargs = {k: kwargs[k] for k in call.kwarg_order}
         leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
-        if spec != cap.in_spec:
+        if spec != call.in_spec:
             raise InputMismatchError(
                 f"this call's arguments {_describe_spec(args, kwargs)} differ from the captured call's "
                 f"structure; call the cached transformer with the same arguments (same keywords, same "
                 f"None/non-None) as its first call, or optimize the model again for this call"
             )
         tensors = []
-        for leaf, value in zip(cap.leaves, leaves):
+        for leaf, value in zip(call.leaves, leaves):
             if leaf.tensor_index is None:
                 if value != leaf.value:
                     raise InputMismatchError(
@@ -305,66 +254,95 @@ class CachedTransformer(HoldsModel):
         return tensors
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._captured is None:
+        if self._program is None:
             self.prepare(*args, **kwargs)
-        cap = self._captured
-        assert cap is not None
-        tensors = self._tensor_inputs(args, kwargs)
-        t = self._timestep_of(args, kwargs)
+        program = self._program
+        assert program is not None
+        tensors = self._tensor_inputs(program, args, kwargs)
+        t = self._timestep_of(program, args, kwargs)
         pos = self._clock.locate(t, self._context)  # raises before anything runs when calls do not fit
         step, call = pos.step, pos.call
-        idx = self._graph_of_step[step]
-        io = self._io[idx]
-        cache_in = [self._store.read(call, slot) for slot in io["cache_inputs"]]
-        values = self._step_values
-        step_in = [step_input_value(self, step, name) if values is None else values[name][step] for name in io["step_inputs"]]
-        outs = self._runners[idx](*tensors, *cache_in, *step_in)
-        n = cap.num_outputs
-        self._store.write_all(call, zip(io["cache_outputs"], outs[n:]), caller=(*tensors, *outs[:n]))
+        idx = program.graph_of_step[step]
+        io = program.io[idx]
+        cache_in = [self._store.read(call, slot) for slot in io.cache_inputs]
+        step_in = [program.step_values[name][step] for name in io.step_inputs]
+        outs = program.runners[idx](*tensors, *cache_in, *step_in)
+        n = program.call.num_outputs
+        self._store.write_all(call, zip(io.cache_outputs, outs[n:]), caller=(*tensors, *outs[:n]))
         if self._clock.advance(pos, t, self._context):
             self._store.new_generation()  # the next call starts a new generation
-        return pytree.tree_unflatten(list(outs[:n]), cap.out_spec)
+        return pytree.tree_unflatten(list(outs[:n]), program.call.out_spec)
 
-    def _timestep_of(self, args: tuple, kwargs: dict) -> float | None:
+    @staticmethod
+    def _timestep_of(program: StepProgram, args: tuple, kwargs: dict) -> float | None:
         """The call's timestep (first element), read to check the calls against the schedule."""
         if "timestep" in kwargs:
             return timestep_value(kwargs["timestep"])
-        meta = self._captured.meta if self._captured is not None else {}
-        idx = meta["timestep_arg"] if "timestep_arg" in meta else _positional_index(type(self._model), "timestep")
+        idx = program.call.timestep_arg
         return timestep_value(args[idx]) if idx is not None and idx < len(args) else None
 
     # ------------------------------------------------------------------ artifacts
     def export(self, path: Any, format: str = "aoti", **options: Any) -> Any:
-        """Write the step graphs as a deployable directory (see :mod:`cachecompile.runtime.artifact`):
+        """Write the step graphs as a deployable directory (see :mod:`cachecompile.core.artifact`):
         ``format`` is ``"aoti"``, ``"onnx"`` or ``"tensorrt"``; load it with ``cachecompile.load``.
         The model must have been called once (or optimized with example inputs) first.
 
         >>> cached.export("dit-fora3", format="onnx")   # doctest: +SKIP
         """
-        from cachecompile.runtime.artifact import export_cached
-
-        return export_cached(self, path, format, **options)
+        if self._program is None:
+            raise RuntimeError(
+                "this model has not been captured yet, so there is nothing to export: call it once with the "
+                "inputs it will serve (e.g. one sampling step), or pass them to cachecompile.optimize(model, "
+                "schedule, example_kwargs=...), then export"
+            )
+        if self._builder is None:
+            raise RuntimeError(
+                "this model was loaded from an artifact and has no step graphs to export again; copy the "
+                "artifact directory instead"
+            )
+        return self._builder.export(self._program, self._model, path, format, calls_per_step=self._clock.declared, **options)
 
     @classmethod
-    def from_artifact(cls, path: Any, **options: Any) -> "CachedTransformer":
-        """Load a directory written by :meth:`export` (= ``cachecompile.load(path)``)."""
-        from cachecompile.runtime.artifact import load_artifact
+    def from_artifact(
+        cls,
+        path: Any,
+        *,
+        calls_per_step: int | str | None = None,
+        verify: bool = True,
+        import_output_type: bool = True,
+        **backend_options: Any,
+    ) -> "CachedTransformer":
+        """Load a directory written by :meth:`export` (= ``cachecompile.load(path)``).
 
-        return load_artifact(path, **options)
+        Everything is checked before any step runs: the manifest's format version, every file and
+        its sha256 (``verify=False`` skips the hashing), the torch version for AOTInductor packages,
+        that each graph's inputs are the captured call's and that every cache slot a step reads is
+        written by an earlier step. Failures raise :class:`~cachecompile.ArtifactError` saying what
+        to do.
+
+        ``calls_per_step`` overrides the exported value (``"auto"``, or 2 when a pipeline calls the
+        transformer twice per step). ``backend_options`` go to the backend's ``load``
+        (``providers=[...]`` for ONNX Runtime ...).
+
+        Outputs: when the model returned its own type (diffusers' ``Transformer2DModelOutput``), its
+        module is imported to rebuild it (``import_output_type=False`` never imports it). If it
+        cannot be imported, the loaded model returns a namedtuple with the same field names
+        (``out.sample`` and ``out[0]`` both work).
+
+        >>> import cachecompile as cc                 # doctest: +SKIP
+        >>> deployed = cc.load("dit-fora3")           # doctest: +SKIP
+        """
+        loaded = load_program(
+            path, calls_per_step=calls_per_step, verify=verify, import_output_type=import_output_type, **backend_options
+        )
+        cached = cls(None, loaded.program.schedule, program=loaded.program, calls_per_step=loaded.calls_per_step)
+        if loaded.config is not None:
+            cached.config = loaded.config
+        return cached
 
     def extra_repr(self) -> str:
-        state = f"{len(self._runners)} step graphs" if self._captured is not None else "not captured yet"
+        state = f"{len(self._program.runners)} step graphs" if self._program is not None else "not captured yet"
         return f"schedule={self.schedule!r}, backend={self.backend!r}, {state}"
-
-
-@functools.lru_cache(maxsize=None)
-def _positional_index(cls: type, name: str) -> int | None:
-    forward = getattr(cls, "forward", None)  # None for a model loaded from an artifact
-    try:
-        params = list(inspect.signature(forward).parameters)[1:]  # drop self
-    except (TypeError, ValueError):
-        return None
-    return params.index(name) if name in params else None
 
 
 def _describe_spec(args: tuple, kwargs: dict) -> str:

@@ -33,15 +33,11 @@ from typing import Any
 
 import torch
 
-from cachecompile.schedule import ScheduleError
+from cachecompile.core.errors import StepMismatchError
 
 __all__ = ["StepClock", "StepMismatchError", "check_calls_per_step", "timestep_value", "AUTO"]
 
 AUTO = "auto"
-
-
-class StepMismatchError(ScheduleError):
-    """The transformer calls of a generation do not fit the schedule (steps or calls per step)."""
 
 
 def check_calls_per_step(calls_per_step: Any) -> int | str:

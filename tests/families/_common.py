@@ -97,7 +97,7 @@ def stack_reference(
 
 
 def duca_kind(step: int, interval: int) -> str:
-    """DESIGN.md's DuCa step kinds."""
+    """DuCa's step kinds: full at s % interval == 0, conservative at odd remainders, aggressive at even ones."""
     r = step % interval
     return "full" if r == 0 else "conservative" if r % 2 else "aggressive"
 

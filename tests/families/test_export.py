@@ -29,4 +29,4 @@ def test_fora_step_graphs_run_in_onnxruntime(family):
     for _ in range(2):
         torch.testing.assert_close(sample(lowered, case.X0, case.kwargs, STEPS), expected, rtol=0, atol=1e-5)
     assert len(lowered.step_graphs) == 2
-    assert all(type(r).__name__ == "OrtStep" for r in lowered._runners)
+    assert all(type(r).__name__ == "OrtStep" for r in lowered.program.runners)

@@ -61,7 +61,7 @@ def block_paths():
 
 def test_capture_and_regions(flux):
     cap = capture(flux, (), {**kwargs(X0, 0.5), "return_dict": False})
-    rm = find_regions(cap.gm, model_class=cap.meta["model_class"])
+    rm = find_regions(cap.gm, model_class=cap.call.model_class)
     assert rm.layout.branches == (("attn", "mlp", "mlp_context"), ("parallel",), ("parallel",))
     assert [rm[f"blocks.{i}"].path for i in range(3)] == block_paths()
     assert rm["blocks.2.parallel"].path == "single_transformer_blocks.1.proj_out"
@@ -130,4 +130,4 @@ def test_guidance_distilled_flux_takes_the_guidance_input():
     cached = cc.optimize(dev, cc.Schedule.fora(STEPS, 2))
     ref = reuse_reference(dev, branch_paths(), lambda s: s % 2 == 0)
     torch.testing.assert_close(sample(cached, X0, with_guidance, STEPS), sample(ref, X0, with_guidance, STEPS), rtol=0, atol=1e-5)
-    assert [leaf.name for leaf in cached._captured.tensor_leaves if leaf.name == "guidance"] == ["guidance"]
+    assert [leaf.name for leaf in cached.program.call.tensor_leaves if leaf.name == "guidance"] == ["guidance"]

@@ -54,7 +54,7 @@ def branch_paths():
 
 def test_capture_and_regions(pixart):
     cap = capture(pixart, (), {**kwargs(X0, 0.5), "return_dict": False})
-    rm = find_regions(cap.gm, model_class=cap.meta["model_class"])
+    rm = find_regions(cap.gm, model_class=cap.call.model_class)
     assert rm.layout.branches == (("attn", "cross_attn", "mlp"),) * LAYERS
     assert len(rm.regions) == LAYERS * 4 + 1
     assert rm["blocks.1.cross_attn"].path == "transformer_blocks.1.attn2"

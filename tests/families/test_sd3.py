@@ -55,7 +55,7 @@ def branch_paths():
 
 def test_capture_and_regions(sd3):
     cap = capture(sd3, (), {**kwargs(X0, 0.5), "return_dict": False})
-    rm = find_regions(cap.gm, model_class=cap.meta["model_class"])
+    rm = find_regions(cap.gm, model_class=cap.call.model_class)
     assert rm.layout.branches == (("attn", "attn2", "mlp", "mlp_context"), ("attn", "mlp"))
     assert len(rm.regions) == 4 + 2 + LAYERS + 1
     assert rm["blocks.0.mlp_context"].path == "transformer_blocks.0.ff_context"
@@ -87,7 +87,7 @@ def test_fora_matches_eager_reference(sd3):
     # block's text stream is unused), so that write is dropped as dead
     full = next(gm for plan, gm in cached.step_graphs.items() if plan.is_full)
     reuse = next(gm for plan, gm in cached.step_graphs.items() if not plan.is_full)
-    written, read = full.meta["cachecompile"]["cache_outputs"], reuse.meta["cachecompile"]["cache_inputs"]
+    written, read = full.meta["cachecompile"].cache_outputs, reuse.meta["cachecompile"].cache_inputs
     assert sorted(written) == sorted(read)
     assert len({"blocks.0.attn#0", "blocks.0.attn#1"} & set(written)) == 1
 
@@ -120,7 +120,7 @@ def test_duca_matches_eager_reference(sd3):
 def test_value_norm_score_over_joint_attention_is_refused(sd3):
     """Joint attention attends over image + text tokens (70) while the image MLP sees 64: the
     v_norm score cannot rank the MLP's tokens, and says so when the step graph is built."""
-    from cachecompile.passes.token_scores import TokenScoreError
+    from cachecompile.methods.dual.scores import TokenScoreError
 
     cached = cc.optimize(sd3, cc.Schedule.duca(STEPS, 3, 0.5, score="v_norm"))
     with pytest.raises(TokenScoreError, match=r"shape \(2, 70\).*2 samples × 64 tokens.*score='random'"):

@@ -50,7 +50,7 @@ def branch_paths():
 
 def test_capture_and_regions(wan):
     cap = capture(wan, (), {**kwargs(X0, 0.5), "return_dict": False})
-    rm = find_regions(cap.gm, model_class=cap.meta["model_class"])
+    rm = find_regions(cap.gm, model_class=cap.call.model_class)
     assert rm.layout.branches == (("attn", "cross_attn", "mlp"),) * LAYERS
     assert rm["blocks.1.mlp"].path == "blocks.1.ffn"
     # every block reads the timestep embedding through `temb.float()`, which the tracer records in

@@ -10,9 +10,9 @@ def test_capture_is_flat_and_exact(dit):
     cap = capture(dit, (), kw)
     ph = [n for n in cap.gm.graph.nodes if n.op == "placeholder"]
     assert [p.name for p in ph] == ["hidden_states", "timestep", "class_labels"]
-    assert [leaf.name for leaf in cap.leaves] == ["hidden_states", "timestep", "class_labels"]
+    assert [leaf.name for leaf in cap.call.leaves] == ["hidden_states", "timestep", "class_labels"]
     out = cap.gm(*cap.example_inputs)
-    assert isinstance(out, tuple) and len(out) == cap.num_outputs == 1
+    assert isinstance(out, tuple) and len(out) == cap.call.num_outputs == 1
     torch.testing.assert_close(out[0], dit(**kw).sample, rtol=0, atol=0)
 
 
@@ -28,9 +28,9 @@ def test_attention_stays_fused_and_paths_are_kept(dit):
 def test_non_tensor_inputs_are_constants(dit):
     kw = dit_inputs()
     cap = capture(dit, (kw["hidden_states"],), dict(timestep=kw["timestep"], class_labels=kw["class_labels"], return_dict=False))
-    assert [leaf.tensor_index for leaf in cap.leaves] == [0, 1, 2, None]
-    assert cap.leaves[3].value is False
-    assert cap.leaves[0].name == "args[0]"
+    assert [leaf.tensor_index for leaf in cap.call.leaves] == [0, 1, 2, None]
+    assert cap.call.leaves[3].value is False
+    assert cap.call.leaves[0].name == "args[0]"
     torch.testing.assert_close(cap.gm(*cap.example_inputs)[0], dit(**kw).sample, rtol=0, atol=0)
 
 

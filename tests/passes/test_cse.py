@@ -5,7 +5,7 @@ import copy
 import torch
 
 import cachecompile as cc
-from cachecompile.bench import tie_block_embedders
+from cachecompile.tools.zoo import tie_block_embedders
 from cachecompile.sampling import ddim_sample
 from cachecompile.passes import counters
 from tests.conftest import dit_inputs, fora_reference

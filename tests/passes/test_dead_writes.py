@@ -5,16 +5,18 @@ import pytest
 import torch
 
 import cachecompile as cc
-import cachecompile.runtime.cached
+import cachecompile.compile.driver
 from cachecompile.sampling import ddim_sample
 from cachecompile.passes import counters
+from cachecompile.core.program import StepIO
+from cachecompile.passes.cache_io import cache_io
 from cachecompile.passes.dead_writes import dead_cache_writes
 
 SCATTER = torch.ops.aten.scatter.src
 
 
 def _io(reads, writes):
-    return {"cache_inputs": list(reads), "cache_outputs": list(writes)}
+    return StepIO(cache_inputs=list(reads), cache_outputs=list(writes))
 
 
 def test_a_write_is_dead_when_overwritten_before_any_read_or_never_read():
@@ -33,7 +35,7 @@ def test_a_write_is_dead_when_overwritten_before_any_read_or_never_read():
 
 
 def _io_of(cached, kind):
-    return next(gm.meta["cachecompile"] for plan, gm in cached.step_graphs.items() if cached.schedule.step_kinds()[cached.plans.index(plan)] == kind)
+    return next(cache_io(gm) for plan, gm in cached.step_graphs.items() if cached.schedule.step_kinds()[cached.plans.index(plan)] == kind)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +52,12 @@ def test_duca_interval_3_keeps_only_what_a_later_step_reads(dit, duca3):
     mlp = {f"blocks.{i}.mlp" for i in range(layers)}
     full, conservative = _io_of(duca3, "full"), _io_of(duca3, "conservative")
     # conservative → aggressive (reads the stack only) → full (overwrites the MLP caches)
-    assert conservative["cache_outputs"] == ["stack"]
-    assert mlp <= set(conservative["cache_inputs"])
-    assert "stack" not in full["cache_outputs"] and mlp <= set(full["cache_outputs"])
+    assert conservative.cache_outputs == ["stack"]
+    assert mlp <= set(conservative.cache_inputs)
+    assert "stack" not in full.cache_outputs and mlp <= set(full.cache_outputs)
     # at interval 4 the second conservative step reads the first one's MLP caches
     duca4 = cc.optimize(dit, cc.Schedule.duca(12, 4, 0.3)).prepare(**dit_inputs())
-    assert mlp <= set(_io_of(duca4, "conservative")["cache_outputs"])
+    assert mlp <= set(_io_of(duca4, "conservative").cache_outputs)
 
 
 def test_the_conservative_scatter_sinks_below_the_gated_residual(duca3):
@@ -76,6 +78,6 @@ def test_results_are_bit_identical_without_the_schedule_wide_passes(dit, labels,
     before = (counters["dead_cache_writes"], counters["scatters_sunk"])
     finished = ddim_sample(cc.optimize(dit, schedule), labels, **sample_kwargs)
     assert counters["dead_cache_writes"] > before[0] and counters["scatters_sunk"] > before[1]
-    monkeypatch.setattr(cachecompile.runtime.cached, "finish_step_graphs", lambda graphs, graph_of_step: None)
+    monkeypatch.setattr(cachecompile.compile.driver, "finish_step_graphs", lambda graphs, graph_of_step: None)
     plain = cc.optimize(dit, schedule)
     assert torch.equal(ddim_sample(plain, labels, **sample_kwargs), finished)

@@ -92,7 +92,7 @@ def test_loaded_artifact_reproduces_the_eager_cached_run(request, dit, fmt):
     assert rel_diff(art.expected[0], uncached) > 1e-3  # caching changes the result: the check can tell
     loaded = cc.load(art.path)
     assert isinstance(loaded, CachedTransformer) and loaded.model is None
-    assert len(loaded._runners) == 2 and loaded._graph_of_step == [0, 1, 0, 1]
+    assert len(loaded.program.runners) == 2 and loaded.program.graph_of_step == [0, 1, 0, 1]
     for seed, expected in zip(SEEDS, art.expected):  # two generations
         got = ddim_sample(loaded, LABELS, seed=seed, **SAMPLE)
         assert rel_diff(got, expected) <= 1e-4, f"{fmt} seed {seed}: {rel_diff(got, expected):.3g}"
@@ -110,7 +110,7 @@ def test_aoti_artifact_stores_the_weights_once(aoti_artifact):
     assert files == ["manifest.json", "step0.pt2", "step1.pt2", "weights.pt"]
     stored = torch.load(aoti_artifact.path / "weights.pt", weights_only=True)
     union = {}
-    for gm in aoti_artifact.cached._graphs:
+    for gm in aoti_artifact.cached.program.graphs:
         union.update(graph_constants(gm))
     assert set(stored) == set(union)
     assert all(torch.equal(stored[k], union[k]) for k in union)
@@ -149,7 +149,7 @@ def test_manifest_describes_the_schedule_and_the_call(onnx_artifact):
     cached = onnx_artifact.cached
     assert m["format"] == "cachecompile.artifact/1" and m["backend"] == "onnxruntime"
     assert cc.Schedule.from_dict(m["schedule"]) == SCHEDULE
-    assert m["graph_of_step"] == cached._graph_of_step == [0, 1, 0, 1]
+    assert m["graph_of_step"] == cached.program.graph_of_step == [0, 1, 0, 1]
     assert [leaf["name"] for leaf in m["leaves"]] == ["hidden_states", "timestep", "class_labels", "return_dict"]
     assert m["leaves"][0]["shape"] == [4, 4, 8, 8] and m["leaves"][3]["value"] is False
     assert m["graphs"][0]["cache_inputs"] == [] and m["graphs"][1]["cache_outputs"] == []
@@ -223,10 +223,11 @@ def test_from_artifact_and_calls_per_step_override(onnx_artifact):
 def test_output_type_is_rebuilt_or_stood_in_for(dit):
     """return_dict=True outputs: the type's module is imported when it can be; else a
     namedtuple with the same fields stands in (``out.sample`` and ``out[0]`` still work)."""
-    from cachecompile.runtime.artifact import _out_type, _output_spec
+    from cachecompile.compile.export import _out_type
+    from cachecompile.runtime.artifact import _output_spec
 
     cached = cc.optimize(dit, SCHEDULE, example_kwargs=dit_inputs(batch=4))
-    spec = cached._captured.out_spec
+    spec = cached.program.call.out_spec
     m = {"out_spec": pytree.treespec_dumps(spec), "out_type": _out_type(spec), "num_outputs": 1}
     assert _output_spec(m, import_output_type=True) == spec
 
@@ -336,12 +337,35 @@ def test_export_refuses_other_formats_and_occupied_directories(onnx_artifact, tm
         onnx_artifact.cached.export(tmp_path / "a", "pt2")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="holds no cachecompile artifact"):
-        onnx_artifact.cached.export(tmp_path / "mine", "onnx")
+    with pytest.raises(FileExistsError, match=r"not a cachecompile artifact \(it holds notes.txt\)"):
+        onnx_artifact.cached.export(tmp_path / "mine", "onnx", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(FileExistsError, match="overwrite=True"):
         onnx_artifact.cached.export(onnx_artifact.path, "onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no half-written directory left
+
+
+def test_overwrite_never_deletes_what_is_not_an_artifact(onnx_artifact, tmp_path):
+    """A web app's folder that happens to hold a manifest.json, or an artifact with a user's
+    file added, is not replaced: overwrite=True replaces only a directory holding an artifact
+    and nothing else."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html>")
+    (site / "manifest.json").write_text('{"name": "my web app"}')
+    with pytest.raises(FileExistsError, match="not a cachecompile artifact"):
+        onnx_artifact.cached.export(site, "onnx", overwrite=True)
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "manifest.json"]
+    edited = _copy(onnx_artifact, tmp_path)
+    (edited / "README.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match="it holds README.txt"):
+        onnx_artifact.cached.export(edited, "onnx", overwrite=True)
+    assert (edited / "README.txt").read_text() == "my notes"
+    plain = _copy(onnx_artifact, tmp_path / "again")
+    with pytest.raises(FileExistsError, match="already holds an artifact; pass overwrite=True"):
+        onnx_artifact.cached.export(plain, "onnx")
+    assert onnx_artifact.cached.export(plain, "onnx", overwrite=True) == plain
+    assert cc.load(plain)(**dict(dit_inputs(batch=4), return_dict=False))[0].shape == (4, 4, 8, 8)
 
 
 def test_tensorrt_export_needs_the_extra(onnx_artifact, tmp_path):
@@ -358,7 +382,7 @@ def test_tensorrt_export_needs_the_extra(onnx_artifact, tmp_path):
 
 def test_a_constant_name_with_different_values_is_stored_per_graph(tmp_path):
     """Two step graphs that each lift a constant under the same name keep their own tensor."""
-    from cachecompile.runtime.artifact import _save_weights
+    from cachecompile.compile.export import _save_weights
 
     def graph(value: float) -> torch.fx.GraphModule:
         root = torch.nn.Module()
@@ -384,8 +408,8 @@ def test_a_constant_name_with_different_values_is_stored_per_graph(tmp_path):
 
 def test_cli_exports_the_tiny_model_as_onnx(tmp_path, capsys):
     from cachecompile.__main__ import main
-    from cachecompile.bench import load_bench_model
-    from cachecompile.export_cli import sample_call
+    from cachecompile.tools.zoo import load_bench_model
+    from cachecompile.tools.export import sample_call
 
     out = tmp_path / "tiny"
     args = ["export", "--model", "tiny", "--schedule", "fora:2", "--steps", "4", "--format", "onnx", "--out", str(out)]
@@ -428,7 +452,7 @@ def test_cli_exports_a_users_model_with_a_schedule_file(dit, tmp_path, capsys):
     assert main(base + ["--out", str(out), "--no-verify"]) == 0
     assert "verified" not in capsys.readouterr().out
     loaded = cc.load(out)
-    assert loaded.schedule == schedule and loaded._captured.leaves[0].shape == (4, 4, 8, 8)
+    assert loaded.schedule == schedule and loaded.program.call.leaves[0].shape == (4, 4, 8, 8)
     cached = cc.optimize(dit, schedule)  # make_dit() is the `dit` fixture's model
     for seed in SEEDS:
         expected = ddim_sample(cached, LABELS, seed=seed, **SAMPLE)

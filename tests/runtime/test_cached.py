@@ -141,7 +141,7 @@ def test_example_inputs_capture_eagerly_and_errors_leave_nothing_half_applied(di
     assert cached.is_captured and len(cached.step_graphs) == 2
     with pytest.raises(cc.ScheduleError, match="2 blocks per step but the model has 3"):
         cc.optimize(dit, cc.Schedule.from_mask([[[1, 1]] * 2]), example_kwargs=kw)
-    bad = cc.CachedTransformer(dit, cc.Schedule.from_mask([[[1, 1]] * 2]))
+    bad = cc.optimize(dit, cc.Schedule.from_mask([[[1, 1]] * 2]))
     with pytest.raises(cc.ScheduleError):
         bad(**kw)
     assert not bad.is_captured and bad.step_graphs == {}
@@ -200,9 +200,10 @@ def test_cache_writes_never_alias_what_the_caller_holds(dit):
     cached = cc.optimize(dit, cc.Schedule.fora(4, 2))
     inputs = dit_inputs()
     cached.prepare(**inputs)
-    assert cached._captured.num_outputs == 1
-    full = cached._graph_of_step[0]
-    runner, slot = cached._runners[full], cached._io[full]["cache_outputs"][0]
+    program = cached.program
+    assert program.call.num_outputs == 1
+    full = program.graph_of_step[0]
+    runner, slot = program.runners[full], program.io[full].cache_outputs[0]
     handed_out = []
 
     def aliasing_runner(*args):  # returns its first cache write as the user output too
@@ -210,7 +211,7 @@ def test_cache_writes_never_alias_what_the_caller_holds(dit):
         handed_out.append(outs[1])
         return (outs[1], *outs[1:])
 
-    cached._runners[full] = aliasing_runner
+    program.runners[full] = aliasing_runner
     cached(**inputs)
     kept = cached._store.read(0, slot)
     assert kept.data_ptr() != handed_out[0].data_ptr() and torch.equal(kept, handed_out[0])

@@ -1,0 +1,78 @@
+"""The ordered pass list that builds one step graph per distinct plan: the generic passes of
+:mod:`cachecompile.passes` and the methods' own passes, in one place."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx
+
+from cachecompile.core.regions import RegionMap
+from cachecompile.core.schedule import StepPlan
+from cachecompile.methods.compensation.graph import compensate
+from cachecompile.methods.dual import partial_tokens, record_token_state, sink_token_scatters, stack_reuse
+from cachecompile.passes import copy_graph_module
+from cachecompile.passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
+from cachecompile.passes.cse import merge_common_subexpressions
+from cachecompile.passes.dce import remove_dead_code, tidy
+from cachecompile.passes.dead_writes import drop_dead_cache_writes
+from cachecompile.passes.narrow_linear import narrow_chunked_linears
+from cachecompile.passes.noop_squeeze import remove_noop_squeezes
+
+__all__ = ["STEP_PASSES", "build_step_graph", "example_inputs", "finish_step_graphs"]
+
+Pass = Callable[[torch.fx.GraphModule, RegionMap, StepPlan], torch.fx.GraphModule]
+
+# Order matters: writes must name region outputs before reads cut them off; compensation and
+# partial recompute passes slot in between (they read both), dead code removal runs last
+# (followed only by passes that work on what is left: linear narrowing, merging repeats).
+STEP_PASSES: list[Pass] = [
+    insert_cache_writes,
+    insert_cache_reads,
+    compensate,
+    record_token_state,  # before partial_tokens: a partial step may score by state recorded this step
+    partial_tokens,
+    stack_reuse,
+    remove_noop_squeezes,  # torch.onnx exports them as Squeezes that ONNX Runtime rejects
+    lambda gm, regions, plan: remove_dead_code(gm),
+    narrow_chunked_linears,  # after dead code removal: only the chunks still read are computed
+    merge_common_subexpressions,  # repeated timestep embeddings, embedders copied into every block
+    lambda gm, regions, plan: order_placeholders(gm),
+]
+
+
+def build_step_graph(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) -> torch.fx.GraphModule:
+    """Run :data:`STEP_PASSES` on a copy of the captured graph ``gm`` for ``plan``.
+
+    The result is called as ``step(*user_inputs, *cache_inputs, *step_inputs)`` and returns
+    ``(*user_outputs, *cache_writes)``; :func:`~cachecompile.passes.cache_io.cache_io` names its
+    cache slots and per-step inputs.
+    """
+    step = copy_graph_module(gm)
+    cache_io(step)
+    for p in STEP_PASSES:
+        step = p(step, regions, plan)
+    step.graph.lint()
+    step.recompile()
+    return step
+
+
+def finish_step_graphs(graphs: list[torch.fx.GraphModule], graph_of_step: list[int]) -> None:
+    """The passes that need the whole schedule, run once all step graphs are built (in place):
+    cache writes no later step reads are dropped (:mod:`cachecompile.passes.dead_writes`), and a partial
+    recompute's scatter whose result is then no longer a cache write moves below the
+    elementwise ops that consume it (:func:`cachecompile.methods.dual.partial.sink_token_scatters`)."""
+    drop_dead_cache_writes(graphs, graph_of_step)
+    for gm in graphs:
+        if sink_token_scatters(gm):
+            tidy(gm)
+
+
+def example_inputs(gm: torch.fx.GraphModule, call_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs to run or lower step graph ``gm``: the captured call's tensors, then zeros shaped
+    like each cache input and per-step input."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    rest = placeholders[len(call_inputs):]
+    device = call_inputs[0].device if call_inputs else None
+    zeros = [torch.zeros(p.meta["val"].shape, dtype=p.meta["val"].dtype, device=device) for p in rest]
+    return list(call_inputs) + zeros

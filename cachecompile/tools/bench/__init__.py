@@ -1,0 +1,81 @@
+"""The main job: whole DDIM sampling runs — uncached vs cached, eager vs compiled, against the
+FLOPs limit and against the peers (``python -m cachecompile bench``). See :mod:`.run` for what is
+measured, :mod:`.measure` for how, :mod:`.report` for the targets and the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from cachecompile.tools.bench.report import check_targets, markdown_report
+from cachecompile.tools.bench.run import run_bench
+from cachecompile.tools.zoo import default_model_name
+
+__all__ = ["run_bench", "check_targets", "markdown_report", "add_bench_arguments", "bench_main"]
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="digits (default when its weights ship), dit-s2, dit-s2-untied, tiny, or module:attr")
+    p.add_argument("--schedule", nargs="+", default=None,
+                   help="presets (fora:3 ...) or .json files (default: fora:2 fora:3; with --quality: every preset)")
+    p.add_argument("--quality", action="store_true",
+                   help="the quality report on the trained digits model: every preset vs uncached (cachecompile.quality_report)")
+    p.add_argument("--backend", nargs="+", default=["eager"], help="eager, inductor, aoti, onnxruntime, tensorrt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=2, help="images per run (the CFG batch is twice this)")
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--peers", nargs="*", default=None, metavar="PEER",
+                   help="run peers too: all installed when given without names; names: cache-dit, cache-dit-mask, "
+                        "fbc, taylorseer, magcache, pab (compiled too when --backend has inductor)")
+    p.add_argument("--no-handwritten", action="store_true", help="skip the hand-written eager FORA rows")
+    p.add_argument("--quality-samples", type=int, default=None,
+                   help="images per configuration for the quality numbers (default 64 on the trained digits model, else 0)")
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 is steadier on a machine shared with other jobs")
+    p.add_argument("--warm-compile-cache", action="store_true", help="let Inductor reuse its on-disk caches (compile times are then warm)")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json, bench.md and the plots")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    from cachecompile.tools import peers as P
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.quality:
+        from cachecompile.tools.quality_report import quality_main
+
+        return quality_main(args)
+    args.schedule = args.schedule or ["fora:2", "fora:3"]
+
+    model = args.model or default_model_name()
+    peers = None if args.peers is None else (args.peers or P.peer_names())
+    result = run_bench(
+        model, args.schedule, args.backend, steps=args.steps, batch=args.batch, guidance_scale=args.cfg,
+        repeats=args.repeats, warmup=args.warmup, peers=peers, handwritten=not args.no_handwritten,
+        quality_samples=args.quality_samples, device=args.device, progress=not args.no_progress,
+        cold_compile=not args.warm_compile_cache,
+    )
+    report = markdown_report(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "bench.json", out / "bench.md"]
+    if not args.no_plots:
+        from cachecompile.tools.plots import write_plots
+
+        written += write_plots(result, out)
+    print(report)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(report + "\n")
+    print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0

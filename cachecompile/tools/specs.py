@@ -1,0 +1,93 @@
+"""The one schedule-spec grammar of the command line, the bench and the quality report.
+
+::
+
+    none                                   no caching
+    fora:INTERVAL                          Schedule.fora
+    toca:INTERVAL[:RATIO[:SCORE]]          Schedule.toca (defaults 3, 0.3, v_norm)
+    duca:INTERVAL[:RATIO[:SCORE[:MODE]]]   Schedule.duca (MODE output|residual)
+    mask:deep-half                         odd steps reuse both branches of the deeper half of the blocks
+    BASE+goc | +taylor1 | +taylor2         with a compensation (GOC: computed queue, weight 0.5)
+    FILE.json                              a saved schedule
+
+>>> parse_schedule("duca:4:0.25:v_norm+0.25*staleness:residual", 12).params["aggressive_reuse"]
+'residual'
+>>> parse_schedule("fora:4+taylor1", 12).compensation
+Taylor(order=1)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import cachecompile as cc
+
+__all__ = ["parse_schedule", "COMPENSATIONS", "SpecError"]
+
+
+class SpecError(ValueError):
+    """A schedule spec that the grammar does not read."""
+
+
+COMPENSATIONS: dict[str, Callable[[], Any]] = {
+    "goc": lambda: cc.GOC(weight=0.5, queue="computed"),
+    "taylor1": lambda: cc.Taylor(order=1),
+    "taylor2": lambda: cc.Taylor(order=2),
+}
+
+
+def parse_schedule(spec: str, num_steps: int, num_blocks: int | None = None) -> cc.Schedule:
+    """The schedule a spec names (see the module docstring) for ``num_steps`` sampling steps;
+    ``mask:deep-half`` needs ``num_blocks``. A :class:`SpecError` (or the schedule's own
+    :class:`~cachecompile.ScheduleError`) says what is wrong."""
+    if spec.endswith(".json"):
+        s = cc.Schedule.load(spec)
+        if s.num_steps != num_steps:
+            raise SpecError(f"schedule {spec} has {s.num_steps} steps, not {num_steps}")
+        return s
+    base, _, comp = spec.partition("+")
+    if comp and comp.split(":")[0] not in COMPENSATIONS:
+        return _base(spec, num_steps, num_blocks)  # a '+' inside a score sum: duca:3:0.3:v_norm+0.25*staleness
+    schedule = _base(base, num_steps, num_blocks)
+    if comp:
+        schedule = schedule.with_compensation(COMPENSATIONS[comp]())
+    return schedule
+
+
+def _base(spec: str, num_steps: int, num_blocks: int | None) -> cc.Schedule:
+    name, _, arg = spec.partition(":")
+    if name == "fora":
+        return cc.Schedule.fora(num_steps, _int(spec, arg or "3"))
+    if name in ("toca", "duca"):
+        parts = arg.split(":") if arg else []
+        limit = 4 if name == "duca" else 3
+        if len(parts) > limit:
+            raise SpecError(f"{spec} has too many fields; use {name}:interval:fresh_ratio:score" + (":output|residual" if name == "duca" else ""))
+        interval = _int(spec, parts[0]) if parts and parts[0] else 3
+        ratio = _float(spec, parts[1]) if len(parts) > 1 and parts[1] else 0.3
+        score = parts[2] if len(parts) > 2 and parts[2] else "v_norm"
+        if name == "toca":
+            return cc.Schedule.toca(num_steps, interval, ratio, score)
+        return cc.Schedule.duca(num_steps, interval, ratio, score, parts[3] if len(parts) > 3 and parts[3] else "output")
+    if spec == "mask:deep-half":
+        if num_blocks is None:
+            raise SpecError("mask:deep-half needs the model's number of blocks")
+        return cc.Schedule.from_mask(
+            [[[0, 0] if s % 2 and b >= num_blocks // 2 else [1, 1] for b in range(num_blocks)] for s in range(num_steps)]
+        )
+    raise SpecError(f"unknown schedule {spec!r}: use none, fora:N, toca:N[:ratio[:score]], duca:N[:ratio[:score[:mode]]], "
+                    f"mask:deep-half, a +{'|+'.join(COMPENSATIONS)} suffix, or a .json schedule file")
+
+
+def _int(spec: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SpecError(f"cannot read {spec!r}: {text!r} is not an integer") from None
+
+
+def _float(spec: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SpecError(f"cannot read {spec!r}: {text!r} is not a number") from None

@@ -1,1 +1,0 @@
-"""Training scripts for the models shipped in :mod:`cachecompile.models`."""
