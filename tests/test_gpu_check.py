@@ -88,6 +88,15 @@ def test_a_step_over_its_budget_fails_the_run(tmp_path):
     assert step["status"] == "timeout" and "budget" in step["reason"]
 
 
+def test_the_total_budget_caps_the_run(tmp_path):
+    out = tmp_path / "out"
+    done = _run(out, "--dry-run", "--no-install", "--only", "environment", "bench", "--total-budget", "0.001", timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    steps = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert [s["status"] for s in steps] == ["timeout", "timeout"]
+    assert "rerun it with --only bench" in steps[1]["reason"]
+
+
 def test_a_mismatch_or_a_required_skip_gives_a_non_zero_exit():
     module = _gpu_check_module()
     passed = {"step": "tensorrt", "status": "passed", "checks": [module.check("rel-L1", 1e-4, 1e-3)]}
