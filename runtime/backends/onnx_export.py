@@ -172,8 +172,15 @@ class CastedStep(torch.nn.Module):
         return tuple(o.to(d) if o.is_floating_point() else o for o, d in zip(outs, self.io_dtypes))
 
 
+# ATen ops whose ONNX form has no bfloat16 at the opsets we export (Einsum: none at any opset;
+# TopK: from opset 24 only). Under bf16 they run as float32 islands: bf16 → float32 is exact, so
+# a permutation (DiT's unpatchify einsum) and the top-k choice of tokens are the same.
+_FLOAT32_UNDER_BF16 = frozenset({torch.ops.aten.einsum.default, torch.ops.aten.topk.default})
+
+
 class _ReducedPrecisionInterpreter(torch.fx.Interpreter):
-    """Executes a graph, casting float32 operands down wherever an op mixes them with ``dtype``."""
+    """Executes a graph, casting float32 operands down wherever an op mixes them with ``dtype``
+    (and running the ops of ``_FLOAT32_UNDER_BF16`` in float32 under bfloat16)."""
 
     def __init__(self, gm: GraphModule, dtype: torch.dtype) -> None:
         super().__init__(gm)
@@ -181,16 +188,20 @@ class _ReducedPrecisionInterpreter(torch.fx.Interpreter):
         self.casts = 0  # how many operands were cast (for tests: did the fix fire?)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+        tree_map, leaves = torch.utils._pytree.tree_map, torch.utils._pytree.tree_leaves
+        if self.dtype == torch.bfloat16 and target in _FLOAT32_UNDER_BF16:
+            args, kwargs = tree_map(lambda v: self._cast(v, torch.bfloat16, torch.float32), (args, kwargs))
+            out = super().call_function(target, args, kwargs)
+            return tree_map(lambda v: self._cast(v, torch.float32, torch.bfloat16), out)
+        dtypes = {t.dtype for t in leaves((args, kwargs)) if isinstance(t, Tensor) and t.is_floating_point()}
         if self.dtype in dtypes and torch.float32 in dtypes:
-            args, kwargs = torch.utils._pytree.tree_map(self._down, (args, kwargs))
+            args, kwargs = tree_map(lambda v: self._cast(v, torch.float32, self.dtype), (args, kwargs))
         return super().call_function(target, args, kwargs)
 
-    def _down(self, value: Any) -> Any:
-        if isinstance(value, Tensor) and value.dtype == torch.float32:
+    def _cast(self, value: Any, source: torch.dtype, target: torch.dtype) -> Any:
+        if isinstance(value, Tensor) and value.dtype == source:
             self.casts += 1
-            return value.to(self.dtype)
+            return value.to(target)
         return value
 
 

@@ -307,3 +307,51 @@ def test_float32_only_graph_is_refused_at_opset_20_for_bf16(dit_step, tmp_path):
     module = reduced_precision_module(dit_step.gm, torch.bfloat16, outputs)
     with pytest.raises(BackendCompileError, match="not a valid model.*bfloat16"):
         export_onnx(module, dit_step.inputs, tmp_path / "bf16.onnx", inputs, outputs, opset_version=20, full_check=True)
+
+
+@pytest.fixture(scope="module")
+def duca_step_graphs():
+    """The step graphs cachecompile makes for DuCa 3/0.3 on a small DiT: full (with v_norm
+    records), conservative (top-k partial recompute) and aggressive (stack reuse)."""
+    import cachecompile as cc
+    from cachecompile.bench import load_bench_model
+    from cachecompile.sampling import ddim_sample
+
+    bm = load_bench_model("tiny")
+    cached = cc.optimize(bm.model, cc.Schedule.duca(3, interval=3, fresh_ratio=0.3))
+    ddim_sample(cached, torch.tensor([1, 2]), num_steps=3, null_class=bm.null_class, sample_size=bm.sample_size,
+                in_channels=bm.in_channels)
+    graphs = list(cached.step_graphs.values())
+    return [(gm, tuple(cached._example_inputs(cached._captured, gm))) for gm in graphs]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_every_duca_step_graph_casts_to_a_type_valid_onnx(duca_step_graphs, tmp_path, precision):
+    """The whole schedule, not one graph: bf16 also meets ops ONNX has no bfloat16 for (the
+    unpatchify Einsum, TopK before opset 24), which run as exact float32 islands."""
+    import onnxruntime
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert len(duca_step_graphs) == 3
+    ops: set[str] = set()
+    for i, (gm, inputs) in enumerate(duca_step_graphs):
+        specs_in, specs_out = graph_signature(gm, inputs)
+        module = reduced_precision_module(gm, dtype, specs_out)
+        with torch.no_grad():
+            eager = module(*inputs)
+        path = export_onnx(module, inputs, tmp_path / f"step{i}.onnx", specs_in, specs_out,
+                           opset_version=22 if precision == "bf16" else 20, full_check=True).path
+        model = onnx.load(str(path))
+        ops |= {n.op_type for n in model.graph.node}
+        assert [i for i in check_onnx_for_tensorrt(model) if i.severity == "error"] == []
+        if precision == "fp16":
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            names = {i.name for i in session.get_inputs()}
+            feeds = {s.name: t.numpy() for s, t in zip(specs_in, inputs) if s.name in names}
+            results = session.run(None, feeds)
+            if any(n.op_type == "TopK" for n in model.graph.node):
+                continue  # the example cache is zeros: every score ties, and each runtime breaks ties its own way
+            for got, want in zip(results, eager):
+                scale = max(float(abs(want.float().numpy()).max()), 1e-6)
+                assert abs(got.astype("float32") - want.float().numpy()).max() <= 1e-2 * scale
+    assert {"TopK", "Einsum"} <= ops
