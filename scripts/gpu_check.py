@@ -88,6 +88,9 @@ TOTAL_BUDGET = 480
 GPU_STEPS = ("gpu-tests", "tensorrt", "inductor-cudagraphs", "onnxruntime-cuda", "bench-tensorrt")
 TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2, "inductor": 1e-3, "onnxruntime-cuda": 1e-3}
 SAMPLE_STEPS = 6  # DDIM steps of the correctness runs: both FORA:3 graphs and all three DuCa kinds, twice
+DEVICE = "cuda"  # where the GPU steps put the model (a seam for trying the steps elsewhere)
+MODEL = "dit-s2"  # the bench model the GPU steps use
+REDUCED_PRECISIONS = ("fp16", "bf16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,10 +265,10 @@ def _rel_l1(a: Any, b: Any) -> float:
     return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
 
-def _dit(name: str = "dit-s2") -> Any:
+def _dit() -> Any:
     from cachecompile.bench import load_bench_model
 
-    return load_bench_model(name)
+    return load_bench_model(MODEL)
 
 
 class _OnDevice:
@@ -295,10 +298,10 @@ def _labels(bm: Any) -> Any:
     return torch.tensor([1, 207 % bm.num_classes])
 
 
-def _sample(model: Any, bm: Any, steps: int = SAMPLE_STEPS) -> Any:
+def _sample(model: Any, bm: Any) -> Any:
     from cachecompile.sampling import ddim_sample
 
-    return ddim_sample(_OnDevice(model, "cuda"), _labels(bm), seed=0, **_sample_kwargs(bm, steps))
+    return ddim_sample(_OnDevice(model, DEVICE), _labels(bm), seed=0, **_sample_kwargs(bm, SAMPLE_STEPS))
 
 
 def _strict_fp32() -> None:
@@ -384,7 +387,7 @@ def step_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
         return {"status": "skipped", "reason": f"tensorrt does not import ({str(e).splitlines()[0][:200]})"}
     _strict_fp32()
     bm = _dit()
-    model = bm.model.to("cuda")
+    model = bm.model.to(DEVICE)
     steps = SAMPLE_STEPS
     checks: list[dict[str, Any]] = []
     details: dict[str, Any] = {"tensorrt": trt.__version__, "model": bm.name, "steps": steps, "optimization_level": 0}
@@ -411,7 +414,7 @@ def step_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
     # An unaligned input (a contiguous slice off a 256-byte boundary) gives the aligned result.
     from cachecompile.sampling import first_call_kwargs
 
-    kwargs = first_call_kwargs(_OnDevice(loaded, "cuda"), _labels(bm), **_sample_kwargs(bm, steps))
+    kwargs = first_call_kwargs(_OnDevice(loaded, DEVICE), _labels(bm), **_sample_kwargs(bm, steps))
     x = kwargs["hidden_states"]
     raw = torch.empty(x.numel() + 64, dtype=x.dtype, device=x.device)
     unaligned = raw[3:3 + x.numel()].view(x.shape).copy_(x)
@@ -419,7 +422,7 @@ def step_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
     aligned_out = loaded(**kwargs)[0]
     loaded.reset()
     unaligned_out = loaded(**{**kwargs, "hidden_states": unaligned})[0]
-    checks.append(check("unaligned input (address % 256 = %d) equals aligned" % (unaligned.data_ptr() % 256),
+    checks.append(check(f"unaligned input (address % 256 = {unaligned.data_ptr() % 256}) equals aligned",
                         float((aligned_out - unaligned_out).abs().max()), 0.0))
 
     # DuCa 3/0.3 fp32 compiled in memory (cc.optimize; the process-wide timing cache).
@@ -430,7 +433,7 @@ def step_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
 
     # Reduced precision: strong typing always, weak where TensorRT still has it (10.x).
     uncached = _sample(model, bm)
-    for precision in ("fp16", "bf16"):
+    for precision in REDUCED_PRECISIONS:
         for typing in ("strong", "weak"):
             name = f"all-compute {precision} {typing} typing vs uncached fp32 (rel-L1)"
             if typing == "weak" and not hasattr(trt.BuilderFlag, "FP16"):
@@ -442,8 +445,8 @@ def step_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
     # A float64 model is refused with a message that says what to do.
     refused = None
     try:
-        cached = cc.optimize(copy.deepcopy(bm.model).double().to("cuda"), full, backend="tensorrt", **level)
-        kw64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kwargs.items()}
+        cached = cc.optimize(copy.deepcopy(bm.model).double().to(DEVICE), full, backend="tensorrt", **level)
+        kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()}
         cached(**kw64)
     except Exception as e:
         refused = str(e)
@@ -457,7 +460,7 @@ def step_inductor_cudagraphs(args: argparse.Namespace) -> dict[str, Any]:
 
     _strict_fp32()
     bm = _dit()
-    model = bm.model.to("cuda")
+    model = bm.model.to(DEVICE)
     fora = cc.Schedule.fora(SAMPLE_STEPS, interval=3)
     want = _sample(cc.optimize(model, fora), bm)
     compiled = cc.optimize(model, fora, backend="inductor", mode="reduce-overhead")
@@ -481,7 +484,7 @@ def step_onnxruntime_cuda(args: argparse.Namespace) -> dict[str, Any]:
                 f"(install {ORT_GPU_PIN} or carry it)"}
     _strict_fp32()
     bm = _dit()
-    model = bm.model.to("cuda")
+    model = bm.model.to(DEVICE)
     fora = cc.Schedule.fora(SAMPLE_STEPS, interval=3)
     want = _sample(cc.optimize(model, fora), bm)
     cached = cc.optimize(model, fora, backend="onnxruntime", providers=["CUDAExecutionProvider"],

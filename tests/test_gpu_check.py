@@ -110,3 +110,33 @@ def test_a_mismatch_or_a_required_skip_gives_a_non_zero_exit():
 def test_usage_error_without_an_output_folder():
     done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "usage: scripts/gpu_check.sh OUT_DIR" in done.stderr
+
+
+def test_tensorrt_step_against_the_simulated_tensorrt(monkeypatch, tmp_path):
+    """The GPU step of issue 19's "done when", run on the CPU against the simulated TensorRT 11
+    (tests/runtime/simulated_tensorrt.py) with the tiny model: the same calls as on the GPU day
+    (artifact export + load, compile, strong fp16, unaligned input, float64 refusal), so the
+    step's code cannot rot unseen. Its numbers say nothing about TensorRT. Under a minute here."""
+    import argparse
+
+    import diffusers  # noqa: F401  (imported before torch.cuda's stream API is replaced)
+
+    from tests.runtime import simulated_tensorrt
+
+    simulated_tensorrt.install(monkeypatch, version="11.4.0.106")
+    gc = _gpu_check_module()
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    monkeypatch.setattr(gc, "MODEL", "tiny")
+    monkeypatch.setattr(gc, "SAMPLE_STEPS", 3)
+    monkeypatch.setattr(gc, "REDUCED_PRECISIONS", ("fp16",))  # the simulation runs engines with ONNX Runtime: no bf16 Conv on the CPU
+    monkeypatch.setattr(gc, "_strict_fp32", lambda: None)
+    result = gc.step_tensorrt(argparse.Namespace(out=str(tmp_path), dry_run=False, install_report=None))
+    checks = {c["check"].split(" (")[0]: c for c in result["checks"]}
+    assert result["status"] == "passed" and all(c["ok"] for c in result["checks"]), result
+    assert set(checks) == {
+        "fora:3 step graphs share one timing cache", "fora:3 fp32 engines vs eager", "unaligned input",
+        "duca:3:0.3 fp32 engines vs eager", "all-compute fp16 strong typing vs uncached fp32", "float64 model refused",
+    }
+    assert checks["fora:3 step graphs share one timing cache"]["graphs"] == 2
+    assert "cast the model and its inputs to float32" in checks["float64 model refused"]["message"]
+    assert result["details"]["all-compute fp16 weak typing vs uncached fp32 (rel-L1)"] == "skipped: TensorRT 11 has no weak typing"

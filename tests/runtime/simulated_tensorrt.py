@@ -62,7 +62,10 @@ _TRT_TO_NUMPY = {
 
 def make_tensorrt(version: str = "10.15.1.29", gpu: str = "Simulated GPU", capability: tuple[int, int] = (8, 9)) -> Any:
     """A fresh simulated ``tensorrt`` module of that version, "running" on that GPU."""
+    import importlib.machinery
+
     trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec("tensorrt") asks (torch._dynamo does)
     trt.__version__ = version
     major = int(version.split(".")[0])
     trt.gpu, trt.capability = gpu, tuple(capability)
@@ -367,7 +370,11 @@ def make_tensorrt(version: str = "10.15.1.29", gpu: str = "Simulated GPU", capab
             import onnxruntime
 
             if self.engine.session is None:
-                self.engine.session = onnxruntime.InferenceSession(self.engine.model_bytes, providers=["CPUExecutionProvider"])
+                try:
+                    self.engine.session = onnxruntime.InferenceSession(self.engine.model_bytes, providers=["CPUExecutionProvider"])
+                except Exception as e:  # ONNX Runtime has no CPU kernel for, e.g., a bfloat16 Conv
+                    error(f"enqueueV3: the simulation cannot run this engine on the CPU ({str(e)[:200]})")
+                    return False
             session = self.engine.session
             feeds = {}
             for i in session.get_inputs():  # read with the engine's type, fed with the model's
@@ -447,6 +454,12 @@ def install(monkeypatch: Any, **kwargs: Any) -> Any:
     monkeypatch.setattr(trt_backend, "_engine_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: fake.gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: fake.capability)
-    monkeypatch.setattr(torch.cuda, "current_stream", fake.streams.current)
-    monkeypatch.setattr(torch.cuda, "Stream", fake.streams.new)
+    streams = fake.streams
+
+    class Stream:  # a class, as torch.cuda.Stream is (code annotates with `torch.cuda.Stream | None`)
+        def __new__(cls, device: Any = None, priority: int = 0) -> SimulatedStream:  # type: ignore[misc]
+            return streams.new(device, priority)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", streams.current)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
     return fake
