@@ -369,7 +369,9 @@ def step_gpu_tests(args: argparse.Namespace) -> dict[str, Any]:
     counts = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failed", "error", "skipped")}
     checks = [check("pytest exit status", done.returncode, 0, ok=done.returncode in (0, 5) and not counts["failed"] and not counts["error"])]
     status = "passed" if counts["passed"] else "skipped"
-    reason = "" if counts["passed"] else "every GPU test skipped: " + "; ".join(sorted({c["message"] for c in cases if c["status"] == "skipped"}))[:400]
+    # pytest -rs prints "SKIPPED [n] file:line: reason"; the junit message of a module skip is only "collection skipped"
+    skips = sorted({line.split(": ", 1)[-1] for line in done.stdout.splitlines() if line.startswith("SKIPPED [")})
+    reason = "" if counts["passed"] else "every GPU test skipped: " + "; ".join(skips or sorted({c["message"] for c in cases}))[:400]
     return {"status": status, "reason": reason, "checks": checks, "details": {"files": files, "counts": counts, "tests": cases,
             "output_tail": done.stdout[-2000:]}}
 

@@ -19,6 +19,10 @@ if not torch.cuda.is_available():
 
 from runtime.backends import ArtifactError, get_backend  # noqa: E402
 
+# The eager references in float32 proper: cuDNN convolutions default to TF32 on Ampere and newer.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 # fp32 engines are built without TF32 (relative max-abs error, as `close` measures it); half
 # precision inside a float32 graph is looser. First guesses: tighten after the first GPU run.
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
