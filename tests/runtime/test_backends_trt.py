@@ -196,7 +196,7 @@ def test_supported_tensorrt_range_is_keyed_on_the_version_string():
 
 
 def test_pyproject_pins_the_supported_tensorrt_range(repo_root):
-    import tomllib
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
     extras = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     lo, hi = SUPPORTED_TENSORRT
