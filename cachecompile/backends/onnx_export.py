@@ -53,12 +53,16 @@ def export_onnx(
     opset_version: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     optimize: bool = True,
+    full_check: bool = False,
 ) -> OnnxFile:
     """Export ``gm`` to ``path`` with the given I/O names; checks the model afterwards.
 
     ``external_data=None`` keeps the weights inside the file unless they exceed 1 GiB, in
     which case they go to ``<path>.data`` (ONNX Runtime and TensorRT's parser read both).
     Symbolic dimensions of the inputs (``None`` in ``inputs``) are exported as dynamic.
+    ``full_check=True`` adds ONNX's strict shape and type inference to the check, which fails
+    on a node whose inputs are bound to different element types (what ONNX Runtime and
+    TensorRT's parser refuse to load); the reduced-precision exports for TensorRT use it.
     """
     import onnx
 
@@ -89,7 +93,10 @@ def export_onnx(
     except Exception as e:
         raise BackendCompileError(f"ONNX export of step graph to {path.name} failed: {e}\n{log.getvalue()}") from e
     # check_model on a path also validates external data files.
-    onnx.checker.check_model(str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise BackendCompileError(f"the ONNX exported to {path.name} is not a valid model: {e}") from e
     model = onnx.load(str(path), load_external_data=False)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     in_names = [i.name for i in model.graph.input]
@@ -131,25 +138,71 @@ def onnx_dtype(dtype: torch.dtype) -> int:
 
 
 class CastedStep(torch.nn.Module):
-    """Runs a reduced-precision copy of a step graph behind float32 inputs and outputs.
+    """Runs a reduced-precision copy of a step graph behind the step graph's own I/O dtypes.
 
-    For strongly typed TensorRT builds the precision must be in the ONNX graph itself; this
-    keeps the engine's I/O in the step graph's dtypes so the runtime's cache buffers do not
-    change, while every weight and activation inside is ``dtype``.
+    For strongly typed TensorRT builds the precision must be in the graph itself; this keeps
+    the engine's I/O in the step graph's dtypes so the runtime's cache buffers do not change,
+    while every weight and activation inside is ``dtype``.
+
+    A step graph captured in float32 also hard-codes float32 in places: diffusers' timestep
+    embedding builds its sinusoid with ``arange(dtype=float32)`` and casts it with
+    ``_to_copy(dtype=float32)`` before the embedding MLP. ``.to(dtype)`` changes the weights
+    only, so such a value would meet ``dtype`` weights in one op (an ONNX ``Gemm`` bound to two
+    types, which ONNX Runtime and TensorRT's parser refuse). The graph is therefore run by
+    :class:`_ReducedPrecisionInterpreter`, which casts the float32 operands of every op that
+    mixes float32 with ``dtype`` down to ``dtype``: float32 islands such as the sinusoid stay
+    float32 (sin/cos of a timestep near 1000 need float32's mantissa) and are cast once, where
+    they meet the reduced-precision weights. Tracing this module (``torch.export``, the ONNX
+    exporter) records those casts as ordinary graph ops.
     """
 
     def __init__(self, gm: GraphModule, dtype: torch.dtype, io_dtypes: Sequence[torch.dtype]) -> None:
         super().__init__()
         import copy
 
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"CastedStep casts to float16 or bfloat16, not {dtype}")
         self.inner = copy.deepcopy(gm).to(dtype)
         self.dtype = dtype
         self.io_dtypes = list(io_dtypes)
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         cast = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
-        outs = self.inner(*cast)
+        outs = _ReducedPrecisionInterpreter(self.inner, self.dtype).run(*cast)
         return tuple(o.to(d) if o.is_floating_point() else o for o, d in zip(outs, self.io_dtypes))
+
+
+# ATen ops whose ONNX form has no bfloat16 at the opsets we export (Einsum: none at any opset;
+# TopK: from opset 24 only). Under bf16 they run as float32 islands: bf16 → float32 is exact, so
+# a permutation (DiT's unpatchify einsum) and the top-k choice of tokens are the same.
+_FLOAT32_UNDER_BF16 = frozenset({torch.ops.aten.einsum.default, torch.ops.aten.topk.default})
+
+
+class _ReducedPrecisionInterpreter(torch.fx.Interpreter):
+    """Executes a graph, casting float32 operands down wherever an op mixes them with ``dtype``
+    (and running the ops of ``_FLOAT32_UNDER_BF16`` in float32 under bfloat16)."""
+
+    def __init__(self, gm: GraphModule, dtype: torch.dtype) -> None:
+        super().__init__(gm)
+        self.dtype = dtype
+        self.casts = 0  # how many operands were cast (for tests: did the fix fire?)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        tree_map, leaves = torch.utils._pytree.tree_map, torch.utils._pytree.tree_leaves
+        if self.dtype == torch.bfloat16 and target in _FLOAT32_UNDER_BF16:
+            args, kwargs = tree_map(lambda v: self._cast(v, torch.bfloat16, torch.float32), (args, kwargs))
+            out = super().call_function(target, args, kwargs)
+            return tree_map(lambda v: self._cast(v, torch.float32, torch.bfloat16), out)
+        dtypes = {t.dtype for t in leaves((args, kwargs)) if isinstance(t, Tensor) and t.is_floating_point()}
+        if self.dtype in dtypes and torch.float32 in dtypes:
+            args, kwargs = tree_map(lambda v: self._cast(v, torch.float32, self.dtype), (args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def _cast(self, value: Any, source: torch.dtype, target: torch.dtype) -> Any:
+        if isinstance(value, Tensor) and value.dtype == source:
+            self.casts += 1
+            return value.to(target)
+        return value
 
 
 def reduced_precision_module(gm: GraphModule, dtype: torch.dtype, outputs: Sequence[TensorSpec]) -> Any:

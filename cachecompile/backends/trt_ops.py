@@ -1,14 +1,24 @@
 """Static check: can TensorRT's ONNX parser take every node of a model we emit?
 
-The table below encodes TensorRT 10.x's published ONNX operator support matrix (the
-onnx-tensorrt ``docs/operators.md`` of TensorRT 10.15: opsets 9–24; TensorRT 10.0 accepted
-opsets 9–20, which is why the exporter emits opset 20). For every node it checks:
+The table below encodes TensorRT's published ONNX operator support matrix as of TensorRT 10.15
+(the onnx-tensorrt ``docs/operators.md`` of that release: opsets 9–24). The supported TensorRT
+range is therefore **10.15 ≤ version < 12** (:data:`SUPPORTED_TENSORRT`, checked on
+``tensorrt.__version__`` by :func:`check_tensorrt_version`): earlier 10.x parsers differ in ops
+we may emit (BlackmanWindow/HammingWindow/HannWindow and tensor ``axes`` of Pad only from 10.4,
+Slice ``axes`` from 10.3, STFT from 10.5). TensorRT 11's parser only added operators (Swish, the
+``TRT_*`` custom ops) and opset 25, so the same table applies to 11.x with opsets 9–25. For every
+node it checks:
 
 1. the operator is in the matrix and marked supported (a custom domain needs a plugin);
-2. the element type of its main input is one TensorRT supports for that operator;
+2. the element types of its inputs: those of the operator's main type parameter must be ones
+   TensorRT supports for it, and inputs that share a type parameter in the ONNX schema (``T`` of
+   Gemm's A, B and C, say) must have one element type (ONNX Runtime and TensorRT's parser refuse
+   a node "bound to different types");
 3. the operator's documented constraints, e.g. TopK: ``K`` a build-time constant (initializer
    or Constant node) no larger than 3840 and ``sorted=1``; Reduce*/Squeeze/Unsqueeze ``axes``
-   constant; ScatterND ``reduction="none"``; LayerNormalization only output ``Y``.
+   constant; ScatterND ``reduction="none"``; LayerNormalization only output ``Y``;
+4. the graph's inputs and outputs: TensorRT has no float64, and its parser turns a DOUBLE input
+   into a FLOAT one, so a float64 tensor bound to it would be read as float32 (an error here).
 
 Subgraphs (If/Loop/Scan bodies) and model-local functions are checked too. This check runs
 anywhere (no TensorRT needed), so CI catches an unsupported op before anyone builds an engine.
@@ -27,7 +37,37 @@ from typing import Any
 
 MATRIX_VERSION = "10.15"
 OPSET_RANGE = (9, 24)
+# TensorRT versions this backend supports: [10.15, 12). See the module docstring.
+SUPPORTED_TENSORRT = ((10, 15), (12, 0))
 TOPK_MAX_K = 3840
+
+
+def tensorrt_version_tuple(version: str) -> tuple[int, int]:
+    """``"10.15.1.29"`` → ``(10, 15)``; raises ValueError on a string that is not a version."""
+    parts = str(version).split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) if len(parts) > 1 else 0)
+    except (ValueError, IndexError):
+        raise ValueError(f"not a TensorRT version: {version!r}") from None
+
+
+def check_tensorrt_version(version: str) -> tuple[int, int]:
+    """Raise unless ``version`` (``tensorrt.__version__``) is in :data:`SUPPORTED_TENSORRT`."""
+    lo, hi = SUPPORTED_TENSORRT
+    got = tensorrt_version_tuple(version)
+    if not lo <= got < hi:
+        raise TensorRTUnsupportedError(
+            f"tensorrt {version} is not supported: cachecompile's TensorRT backend needs "
+            f"{lo[0]}.{lo[1]} <= tensorrt < {hi[0]} (pip install 'tensorrt>={lo[0]}.{lo[1]},<{hi[0]}')"
+        )
+    return got
+
+
+def opset_range(tensorrt_version: str | None = None) -> tuple[int, int]:
+    """The ONNX opsets the parser of that TensorRT accepts (the table's release when None)."""
+    if tensorrt_version is not None and check_tensorrt_version(tensorrt_version)[0] >= 11:
+        return (9, 25)
+    return OPSET_RANGE
 
 # Element-type groups (names as in onnx.TensorProto.DataType).
 _F = ("FLOAT", "FLOAT16", "BFLOAT16")
@@ -109,33 +149,51 @@ class TensorRTUnsupportedError(ValueError):
     """The ONNX model uses operators or forms TensorRT cannot build."""
 
 
-def check_onnx_for_tensorrt(model: Any) -> list[OpIssue]:
-    """Every issue TensorRT's ONNX parser would have with ``model`` (a ModelProto or a path)."""
+def check_onnx_for_tensorrt(model: Any, tensorrt_version: str | None = None) -> list[OpIssue]:
+    """Every issue TensorRT's ONNX parser would have with ``model`` (a ModelProto or a path).
+
+    ``tensorrt_version`` (``tensorrt.__version__``) selects the accepted opsets; it must be a
+    supported version (:func:`check_tensorrt_version`).
+    """
     import onnx
 
     if isinstance(model, (str, Path)):
         model = onnx.load(str(model), load_external_data=False)
-    issues = list(_check_opset(model))
+    issues = list(_check_opset(model, opset_range(tensorrt_version)))
     types = _element_types(model)
+    issues += list(_check_io_types(model, types))
     functions = {(f.domain, f.name): f for f in model.functions}
-    issues += _check_graph(model.graph, _Scope.of_graph(model.graph), types, functions)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET_RANGE[1])
+    issues += _check_graph(model.graph, _Scope.of_graph(model.graph), types, functions, opset)
     return issues
 
 
-def assert_tensorrt_compatible(model: Any) -> None:
+def assert_tensorrt_compatible(model: Any, tensorrt_version: str | None = None) -> None:
     """Raise TensorRTUnsupportedError listing every error-level issue (warnings pass)."""
-    errors = [i for i in check_onnx_for_tensorrt(model) if i.severity == "error"]
+    errors = [i for i in check_onnx_for_tensorrt(model, tensorrt_version) if i.severity == "error"]
     if errors:
         lines = "\n  ".join(str(i) for i in errors)
+        release = tensorrt_version or MATRIX_VERSION
         raise TensorRTUnsupportedError(
-            f"the ONNX model has {len(errors)} node(s) TensorRT {MATRIX_VERSION} cannot build:\n  {lines}"
+            f"the ONNX model has {len(errors)} node(s) TensorRT {release} cannot build:\n  {lines}"
         )
 
 
-def _check_opset(model: Any) -> Iterator[OpIssue]:
+def _check_opset(model: Any, accepted: tuple[int, int]) -> Iterator[OpIssue]:
     for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx") and not OPSET_RANGE[0] <= entry.version <= OPSET_RANGE[1]:
-            yield OpIssue("<model>", "opset", f"opset {entry.version} outside TensorRT's {OPSET_RANGE[0]}–{OPSET_RANGE[1]}")
+        if entry.domain in ("", "ai.onnx") and not accepted[0] <= entry.version <= accepted[1]:
+            yield OpIssue("<model>", "opset", f"opset {entry.version} outside TensorRT's {accepted[0]}–{accepted[1]}")
+
+
+def _check_io_types(model: Any, types: dict[str, str]) -> Iterator[OpIssue]:
+    """DOUBLE graph I/O: the parser makes it FLOAT, so a float64 buffer would be misread."""
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            if types.get(value.name) == "DOUBLE":
+                yield OpIssue(
+                    value.name, f"graph {kind}",
+                    "DOUBLE: TensorRT has no float64 and reads this tensor as float32; cast the model and its inputs to float32",
+                )
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,21 +263,21 @@ def _element_types(model: Any) -> dict[str, str]:
 # Node checks
 
 
-def _check_graph(graph: Any, scope: _Scope, types: dict[str, str], functions: dict) -> list[OpIssue]:
+def _check_graph(graph: Any, scope: _Scope, types: dict[str, str], functions: dict, opset: int) -> list[OpIssue]:
     issues: list[OpIssue] = []
     for node in graph.node:
         name = node.name or (node.output[0] if node.output else node.op_type)
         if (node.domain, node.op_type) in functions:
             fn = functions[(node.domain, node.op_type)]
-            issues += _check_graph(_FunctionGraph(fn), scope, types, functions)
+            issues += _check_graph(_FunctionGraph(fn), scope, types, functions, opset)
             continue
         if node.domain not in ("", "ai.onnx"):
             issues.append(OpIssue(name, f"{node.domain}::{node.op_type}", "custom-domain operator: needs a TensorRT plugin"))
             continue
-        issues += _check_node(node, name, scope, types)
+        issues += _check_node(node, name, scope, types, opset)
         for attr in node.attribute:  # If/Loop/Scan bodies
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                issues += _check_graph(sub, _Scope.of_graph(sub, scope), types, functions)
+                issues += _check_graph(sub, _Scope.of_graph(sub, scope), types, functions, opset)
     return issues
 
 
@@ -231,13 +289,13 @@ class _FunctionGraph:
         self.initializer = ()
 
 
-def _check_node(node: Any, name: str, scope: _Scope, types: dict[str, str]) -> list[OpIssue]:
+def _check_node(node: Any, name: str, scope: _Scope, types: dict[str, str], opset: int) -> list[OpIssue]:
     op = node.op_type
     if op in UNSUPPORTED:
         return [OpIssue(name, op, "not supported by TensorRT's ONNX parser")]
     if op not in SUPPORTED:
         return [OpIssue(name, op, f"not in TensorRT {MATRIX_VERSION}'s ONNX operator matrix")]
-    issues = _check_type(node, name, types)
+    issues = _check_type(node, name, types, opset)
     checker = _CONSTRAINTS.get(op) or (_reduce_axes_constant if op.startswith("Reduce") else None)
     if checker is not None:
         problem = checker(node, scope)
@@ -246,17 +304,52 @@ def _check_node(node: Any, name: str, scope: _Scope, types: dict[str, str]) -> l
     return issues
 
 
-def _check_type(node: Any, name: str, types: dict[str, str]) -> list[OpIssue]:
+def _type_params(op_type: str, opset: int, count: int) -> list[str | None]:
+    """The schema's type parameter ("T", "T1", …) of each of a node's ``count`` inputs."""
+    import onnx
+
+    try:
+        formal = onnx.defs.get_schema(op_type, opset, "").inputs
+    except Exception:  # not in this onnx's schemas: fall back to "every input on its own"
+        return [None] * count
+    params: list[str | None] = []
+    for i in range(count):
+        param = formal[min(i, len(formal) - 1)] if formal else None
+        variadic = param is not None and param.option == onnx.defs.OpSchema.FormalParameterOption.Variadic
+        if param is None or (i >= len(formal) and not variadic):
+            params.append(None)
+        elif param.type_str.startswith("tensor(") or (variadic and not param.is_homogeneous):
+            params.append(None)  # a fixed type, or a heterogeneous variadic: nothing shared
+        else:
+            params.append(param.type_str)
+    return params
+
+
+def _check_type(node: Any, name: str, types: dict[str, str], opset: int = OPSET_RANGE[1]) -> list[OpIssue]:
+    issues = []
+    params = _type_params(node.op_type, opset, len(node.input))
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for i, (value, param) in enumerate(zip(node.input, params)):
+        if value and param is not None and types.get(value) is not None:
+            groups.setdefault(param, []).append((i, types[value]))
+    for param, members in groups.items():
+        bound = sorted({elem for _, elem in members})
+        if len(bound) > 1:
+            issues.append(OpIssue(name, node.op_type, f"inputs of type parameter {param} bound to different types ({', '.join(bound)})"))
     allowed = SUPPORTED[node.op_type]
     index = _TYPED_INPUT.get(node.op_type, 0)
     if allowed is None or len(node.input) <= index or not node.input[index]:
-        return []
-    elem = types.get(node.input[index])
-    if elem is None or elem in allowed:
-        return []
-    if elem == "DOUBLE":
-        return [OpIssue(name, node.op_type, "DOUBLE input: TensorRT casts it down to FLOAT", "warning")]
-    return [OpIssue(name, node.op_type, f"input type {elem} not supported (TensorRT supports {', '.join(allowed)})")]
+        return issues
+    main = params[index]
+    checked = [i for i, _ in groups.get(main, [])] if main is not None else [index]
+    for elem in dict.fromkeys(types.get(node.input[i]) for i in checked or [index]):
+        if elem is None or elem in allowed:
+            continue
+        if elem == "DOUBLE":
+            issues.append(OpIssue(name, node.op_type, "DOUBLE input: TensorRT casts it down to FLOAT", "warning"))
+        else:
+            issues.append(OpIssue(name, node.op_type, f"input type {elem} not supported (TensorRT supports {', '.join(allowed)})"))
+    return issues
 
 
 def _attr(node: Any, key: str, default: Any = None) -> Any:

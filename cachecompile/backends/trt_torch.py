@@ -6,12 +6,14 @@ TensorRT cannot take in PyTorch; here that would be a silent fallback, so the co
 ``require_full_compilation=True`` and ``pass_through_build_failures=True``, and the result is
 checked to contain TensorRT engines only.
 
-Reduced precision is put into the graph (weights and activations cast, I/O kept), which is
-what torch-tensorrt's explicit typing (its default since 2.8, ``enabled_precisions``
-deprecated) expects.
+Reduced precision is put into the graph (weights and activations cast, float32 islands cast
+where they meet them, I/O kept; see ``onnx_export.CastedStep``), which is what torch-tensorrt's
+explicit typing (its default since 2.8, ``enabled_precisions`` deprecated) expects. fp32 is
+compiled with ``disable_tf32=True`` (TensorRT's TF32 is on by default).
 
 Saved with ``torch_tensorrt.save(..., output_format="exported_program")`` as
-``<stem>.trt.ep``; loading needs the same torch-tensorrt, TensorRT and GPU architecture.
+``<stem>.trt.ep``; loading checks torch, torch-tensorrt and TensorRT versions and the GPU, and
+the loaded module checks its inputs' shapes and dtypes on every call (``check_inputs``).
 Not run here: torch-tensorrt needs a CUDA GPU to import.
 """
 
@@ -29,6 +31,8 @@ from torch.fx import GraphModule
 from cachecompile.backends._common import (
     ArtifactError,
     BackendCompileError,
+    TensorSpec,
+    check_call_inputs,
     check_entry,
     check_version,
     graph_signature,
@@ -71,6 +75,8 @@ def compile_step(
         "pass_through_build_failures": True,
         "min_block_size": 1,
     }
+    if _PRECISION[precision] is None:
+        kwargs["disable_tf32"] = True  # a float32 engine computes in float32, as the manifest says
     if workspace_bytes is not None:
         kwargs["workspace_size"] = int(workspace_bytes)
     if optimization_level is not None:
@@ -123,15 +129,29 @@ def export_step(
     )
 
 
-def load_step(directory: Path, entry: dict[str, Any], *, verify: bool = True) -> Any:
+def load_step(directory: Path, entry: dict[str, Any], *, verify: bool = True, check_inputs: bool = True) -> Any:
+    import tensorrt as trt
     import torch_tensorrt
 
-    check_entry(directory, entry, "tensorrt", verify=verify)
+    inputs, _ = check_entry(directory, entry, "tensorrt", verify=verify)
     check_version(entry, "torch", torch.__version__)  # the saved ExportedProgram format follows torch
     check_version(entry, "torch_tensorrt", torch_tensorrt.__version__)
+    check_version(entry, "tensorrt", trt.__version__)  # its engines only load in the TensorRT that built them
     check_device(entry)
     path = Path(directory) / entry["files"]["program"]
     try:
-        return torch_tensorrt.load(str(path)).module()
+        module = torch_tensorrt.load(str(path)).module()
     except Exception as e:
         raise ArtifactError(f"tensorrt: cannot load {path} ({e}); re-export the model") from e
+    return CheckedStep(module, inputs, f"tensorrt step {path.name}") if check_inputs else module
+
+
+class CheckedStep:
+    """A loaded program that checks its inputs first, so a wrong shape names the input."""
+
+    def __init__(self, module: Any, inputs: list[TensorSpec], where: str) -> None:
+        self.module, self._inputs, self._where = module, inputs, where
+
+    def __call__(self, *args: Tensor) -> Any:
+        check_call_inputs(args, self._inputs, self._where)
+        return self.module(*args)
