@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from cachecompile.compile.driver import Compiler
+from cachecompile.compile.driver import DEFAULT_MAX_CAPTURES, Compiler
 from cachecompile.core.regions import RegionPatterns
 from cachecompile.core.schedule import Schedule
 from cachecompile.pipelines import attach_to_pipeline
@@ -27,6 +27,8 @@ def optimize(
     calls_per_step: int | str = 1,
     example_args: tuple | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
+    dynamic_batch: bool = True,
+    max_captures: int = DEFAULT_MAX_CAPTURES,
     **backend_options: Any,
 ) -> Any:
     """Make ``model`` follow ``schedule``: returns a :class:`CachedTransformer` (or, for a diffusers
@@ -54,6 +56,11 @@ def optimize(
             conditional and unconditional branches of classifier-free guidance as two calls), or
             ``"auto"`` to detect it in step 0 from the ``timestep`` argument (see
             :mod:`cachecompile.runtime.steps`; calls that do not fit the schedule raise ``StepMismatchError``).
+        dynamic_batch: one set of step graphs for every batch size (the batch dimension is
+            symbolic in the capture and in every backend); ``False`` captures per batch size.
+        max_captures: how many input signatures (resolution, dtype, device, constant arguments;
+            the batch too without ``dynamic_batch``) are captured before a new one is an error,
+            as ``torch._dynamo``'s cache size limit.
         backend_options: passed to the backend (``mode="max-autotune"`` for Inductor ...); checked
             here, so a misspelled option fails now, not at the first call.
 
@@ -68,16 +75,22 @@ def optimize(
     if not isinstance(model, torch.nn.Module) and isinstance(transformer, torch.nn.Module):
         cached = optimize(
             transformer, schedule, backend, regions=regions, calls_per_step=calls_per_step,
-            example_args=example_args, example_kwargs=example_kwargs, **backend_options,
+            example_args=example_args, example_kwargs=example_kwargs, dynamic_batch=dynamic_batch,
+            max_captures=max_captures, **backend_options,
         )
         attach_to_pipeline(model)
         model.transformer = cached
         return model
     if not isinstance(model, torch.nn.Module):
+        if hasattr(model, "transformer") and transformer is None:
+            raise TypeError(f"this {type(model).__name__} has no transformer (pipe.transformer is None): there is nothing to optimize")
         raise TypeError(f"optimize() takes a torch.nn.Module or a pipeline with .transformer, got {type(model).__name__}")
     if isinstance(model, CachedTransformer):
         raise TypeError("this model is already optimized; pass cached.model to optimize it again with another schedule")
-    builder = Compiler(schedule, backend, regions=regions, backend_options=backend_options)
+    builder = Compiler(
+        schedule, backend, regions=regions, backend_options=backend_options, dynamic_batch=dynamic_batch,
+        max_captures=max_captures,
+    )
     cached = CachedTransformer(model, schedule, builder=builder, calls_per_step=calls_per_step)
     if example_args is not None or example_kwargs is not None:
         cached.prepare(*(example_args or ()), **dict(example_kwargs or {}))

@@ -57,6 +57,7 @@ class AOTIStep:
 
 class AOTIBackend:
     name = "aoti"
+    bakes_weights = True  # the lowered graphs hold a copy of the weights
 
     def compile(self, gm: GraphModule, example_inputs: Sequence[Tensor], **options: Any) -> AOTIStep:
         """Package into a temporary directory and load it (the loaded model keeps no file open)."""

@@ -2,10 +2,14 @@
 
 Why each setting:
 - ``fullgraph=True``: a graph break raises instead of splitting the step into eager pieces.
-- ``dynamic=False`` (default): step graphs have static shapes (partial recompute uses a
-  static k per plan), so a shape change is a bug, not a reason to compile a dynamic kernel.
-- ``recompile_limit=1`` with fullgraph: a guard failure (other shape, dtype, grad mode) raises
-  ``FailOnRecompileLimitHit`` instead of recompiling or silently falling back to eager.
+- the batch dimension: a step graph captured with a dynamic batch (its placeholders' batch size
+  is symbolic) is compiled with that dimension marked dynamic, so one compile serves the batch
+  sizes its kernels' guards admit. Dynamo specialises a size of 1, and some kernel choices guard
+  a range (on CPU the convolution backend guards batch ≤ 15): a step graph compiles once per such
+  class of batch sizes (1; 2–15; 16 and up on this CPU), at most ``batch_compiles`` times (4).
+  Every other dimension is static (partial recompute uses a static k per plan).
+- ``recompile_limit``: with fullgraph, a guard failure beyond those (other shape, dtype, grad
+  mode) raises ``FailOnRecompileLimitHit`` instead of recompiling or silently falling back to eager.
 - ``isolate_recompiles=True``: every step graph is compiled through the same
   ``nn.Module.__call__`` code object; isolation keeps one graph's entry from counting as a
   recompile of another, so the compile count equals the number of step graphs.
@@ -73,7 +77,7 @@ class InductorStep:
         try:
             check_call_inputs(args, self._inputs, "inductor step")
         except ValueError as e:
-            return f"{e} (step graphs have static shapes: one compile per graph, no recompiles)"
+            return f"{e} (step graphs have static shapes but the batch: no recompiles)"
         kinds = sorted({"inference-mode" if t.is_inference() else "normal" for t in args})
         return (
             "inductor: the step graph would recompile for inputs of the right shapes and dtypes but "
@@ -102,6 +106,7 @@ class InductorBackend:
         dynamic: bool | None = False,
         options: dict[str, Any] | None = None,
         warmup: bool = True,
+        batch_compiles: int = 4,
         **unknown: Any,
     ) -> InductorStep:
         """Compile ``gm``; with ``warmup`` the compile happens here, on ``example_inputs``.
@@ -114,14 +119,15 @@ class InductorBackend:
         self.validate_options(mode=mode)
         graph_output_nodes(gm)
         inputs, _ = graph_signature(gm, example_inputs)
+        batched = _mark_batch_dynamic(gm, example_inputs)
         compiled = torch.compile(
             gm,
             backend="inductor",
             fullgraph=True,
             mode=mode,
-            dynamic=dynamic,
+            dynamic=None if batched and dynamic is False else dynamic,
             options=options,
-            recompile_limit=1,
+            recompile_limit=max(1, batch_compiles) if batched else 1,
             isolate_recompiles=True,
         )
         step = InductorStep(compiled, mode, inputs)
@@ -139,6 +145,21 @@ class InductorBackend:
 
     def load(self, directory: Path, entry: dict[str, Any], **options: Any) -> InductorStep:
         raise NotImplementedError("backend 'inductor' has no artifact format; load 'aoti' entries with get_backend('aoti')")
+
+
+def _mark_batch_dynamic(gm: GraphModule, example_inputs: Sequence[Tensor]) -> bool:
+    """Mark, on the example inputs, every dimension that is symbolic in the step graph (the
+    batch) as dynamic for Dynamo; returns whether there was one."""
+    marked = False
+    for node, example in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        val = node.meta.get("val")
+        if not isinstance(val, Tensor) or not isinstance(example, Tensor):
+            continue
+        dims = [i for i, d in enumerate(val.shape) if not isinstance(d, int)]
+        if dims:
+            torch._dynamo.maybe_mark_dynamic(example, dims)  # the batch dims of all inputs are one size
+            marked = True
+    return marked
 
 
 def _contiguous(t: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ Opset 20 is the default because TensorRT 10.0's parser accepts opsets 9–20 (la
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import warnings
 from collections.abc import Sequence
@@ -70,7 +71,11 @@ def export_onnx(
     if external_data is None:
         external_data = param_bytes(gm) > _EXTERNAL_DATA_BYTES
     dims = torch.export.Dim.AUTO
-    dynamic = tuple({i: dims for i, s in enumerate(spec.shape) if s is None} or None for spec in inputs)
+    dynamic: Any = None
+    if any(size is None for spec in inputs for size in spec.shape):
+        dynamic = tuple({i: dims for i, size in enumerate(spec.shape) if size is None} or None for spec in inputs)
+        if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(gm.forward).parameters.values()):
+            dynamic = (dynamic,)  # forward(*args): one positional argument, a tuple of the inputs
     log = io.StringIO()
     try:
         # The exporter prints progress lines on stdout; keep them for the error message only.
@@ -85,7 +90,7 @@ def export_onnx(
                 opset_version=opset_version,
                 input_names=[s.name for s in inputs],
                 output_names=[s.name for s in outputs],
-                dynamic_shapes=dynamic if any(d is not None for d in dynamic) else None,
+                dynamic_shapes=dynamic,
                 external_data=external_data,
                 optimize=optimize,
                 verbose=False,

@@ -85,6 +85,7 @@ def _index(device: torch.device) -> int:
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    bakes_weights = True  # the lowered graphs hold a copy of the weights
 
     def compile(self, gm: GraphModule, example_inputs: Sequence[Tensor], **options: Any) -> OrtStep:
         """Export to a temporary file and open a session (which reads the file into memory)."""

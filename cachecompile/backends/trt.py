@@ -171,6 +171,7 @@ def check_engine_dtypes(specs: Sequence[TensorSpec], where: str) -> None:
 
 class TensorRTBackend:
     name = "tensorrt"
+    bakes_weights = True  # the lowered graphs hold a copy of the weights
     # The engine build settings, taken as keyword options (checked at cachecompile.optimize).
     extra_options = tuple(f.name for f in dataclasses.fields(BuildSettings))
 

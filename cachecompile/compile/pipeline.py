@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import StepPlan
@@ -74,5 +76,10 @@ def example_inputs(gm: torch.fx.GraphModule, call_inputs: list[torch.Tensor]) ->
     placeholders = gm.graph.find_nodes(op="placeholder")
     rest = placeholders[len(call_inputs):]
     device = call_inputs[0].device if call_inputs else None
-    zeros = [torch.zeros(p.meta["val"].shape, dtype=p.meta["val"].dtype, device=device) for p in rest]
+    zeros = [torch.zeros(concrete_shape(p.meta["val"]), dtype=p.meta["val"].dtype, device=device) for p in rest]
     return list(call_inputs) + zeros
+
+
+def concrete_shape(val: torch.Tensor) -> tuple[int, ...]:
+    """A (fake) tensor's shape with each symbolic size at its example value (the captured batch)."""
+    return tuple(optimization_hint(d) for d in val.shape)

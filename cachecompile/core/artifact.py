@@ -73,6 +73,9 @@ def leaf_to_json(leaf: InputLeaf) -> dict[str, Any]:
         "shape": None if leaf.shape is None else list(leaf.shape),
         "dtype": None if leaf.dtype is None else dtype_to_str(leaf.dtype),
         "value": value,
+        "device": leaf.device,
+        "batched": leaf.batched,
+        "index_bound": leaf.index_bound,
     }
 
 
@@ -83,6 +86,9 @@ def leaf_from_json(d: Mapping[str, Any]) -> InputLeaf:
         None if d["shape"] is None else tuple(int(s) for s in d["shape"]),
         None if d["dtype"] is None else dtype_from_str(d["dtype"]),
         d["value"],
+        d.get("device"),
+        bool(d.get("batched", False)),
+        None if d.get("index_bound") is None else int(d["index_bound"]),
     )
 
 

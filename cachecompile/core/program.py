@@ -11,16 +11,18 @@ A step graph is called as ``runner(*user_inputs, *cache_inputs, *step_inputs)`` 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
 
+from cachecompile.core.errors import InputMismatchError
 from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import Schedule, StepPlan
 
-__all__ = ["StepIO", "InputLeaf", "CallSpec", "StepProgram", "ProgramBuilder", "Runner"]
+__all__ = ["StepIO", "InputLeaf", "CallSpec", "StepProgram", "ProgramBuilder", "Runner", "timestep_index"]
 
 Runner = Callable[..., Sequence[torch.Tensor]]
 
@@ -54,13 +56,57 @@ class StepIO:
 @dataclass(frozen=True)
 class InputLeaf:
     """One flattened input of the captured call: a tensor (its position in the graph's inputs,
-    shape and dtype) or a constant that the graph was specialised on."""
+    shape, dtype and device; ``batched`` when its dimension 0 is the graphs' dynamic batch) or a
+    constant that the graph was specialised on."""
 
     name: str
     tensor_index: int | None
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
     value: Any = None
+    device: str | None = None
+    batched: bool = False
+    index_bound: int | None = None  # its values index a table of this many rows (class labels)
+
+    def mismatch(self, value: Any) -> str | None:
+        """Why ``value`` cannot be this input of the captured graphs (``None`` when it can)."""
+        if self.tensor_index is None:
+            if isinstance(value, torch.Tensor) or value != self.value:
+                return f"argument {self.name!r} is {_short(value)} but the graphs were captured with {_short(self.value)}"
+            return None
+        if not isinstance(value, torch.Tensor):
+            return f"argument {self.name!r} is {_short(value)} but the graphs were captured with a tensor"
+        shape = tuple(value.shape)
+        fixed = self.shape[1:] if self.batched else self.shape
+        if len(shape) != len(self.shape) or (shape[1:] if self.batched else shape) != fixed:
+            dims = ("batch, " + ", ".join(map(str, fixed)) if self.batched else ", ".join(map(str, fixed)))
+            return f"input {self.name!r} has shape {shape}, the graphs take ({dims})"
+        if value.dtype != self.dtype:
+            return f"input {self.name!r} is {value.dtype}, the graphs take {self.dtype}"
+        if self.device is not None and str(value.device) != self.device:
+            return f"input {self.name!r} is on {value.device}, the graphs run on {self.device}"
+        return None
+
+    def check_indices(self, value: torch.Tensor) -> None:
+        """An index input (class labels) must lie in ``[0, index_bound)``, as eager PyTorch's
+        embedding requires: every backend refuses the same values (ONNX's Gather would wrap a
+        negative one)."""
+        if self.index_bound is None or not value.numel():
+            return
+        low, high = int(value.min()), int(value.max())
+        if low < 0 or high >= self.index_bound:
+            bad = low if low < 0 else high
+            raise IndexError(
+                f"{self.name} holds {bad}, outside [0, {self.index_bound - 1}]: the model's embedding table has "
+                f"{self.index_bound} rows (for class labels: the classes and the null class of guidance)"
+            )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -80,6 +126,43 @@ class CallSpec:
     @property
     def tensor_leaves(self) -> list[InputLeaf]:
         return [leaf for leaf in self.leaves if leaf.tensor_index is not None]
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return any(leaf.batched for leaf in self.leaves)
+
+    def tensors(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The graph inputs of a call, or :class:`InputMismatchError` saying how the call differs
+        from the captured one (structure, constants, shapes but the batch, dtypes, devices; every
+        batched input must have the same batch)."""
+        if set(kwargs) == set(self.kwarg_order):  # keyword order is free in Python, not in a pytree spec
+            kwargs = {k: kwargs[k] for k in self.kwarg_order}
+        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+        if spec != self.in_spec:
+            raise InputMismatchError(
+                f"this call's arguments ({len(args)} positional, keywords {sorted(kwargs)}) differ from the "
+                f"captured call's structure (same keywords, same None/non-None)"
+            )
+        tensors, batches = [], set()
+        for leaf, value in zip(self.leaves, leaves):
+            why = leaf.mismatch(value)
+            if why is not None:
+                raise InputMismatchError(why)
+            if leaf.tensor_index is not None:
+                leaf.check_indices(value)
+                tensors.append(value)
+                if leaf.batched:
+                    batches.add(value.shape[0])
+        if len(batches) > 1:
+            raise InputMismatchError(f"the batched inputs have different batch sizes {sorted(batches)}")
+        return tensors
+
+    def batch_of(self, tensors: list[torch.Tensor]) -> int | None:
+        """The batch size of a call's graph inputs (``None`` for a static batch)."""
+        for leaf in self.tensor_leaves:
+            if leaf.batched:
+                return int(tensors[leaf.tensor_index].shape[0])
+        return None
 
 
 @dataclass
@@ -125,10 +208,28 @@ class StepProgram:
 
 class ProgramBuilder(Protocol):
     """What the runtime asks of a compiler (injected by :func:`cachecompile.optimize`, so the
-    runtime never imports the compiler): a program for a call, and an artifact of a program."""
+    runtime never imports the compiler): the program of a call for a generation of ``num_steps``
+    steps (``open_ended``: it may run longer), an artifact of a program, and its captures."""
 
     backend: str
+    bakes_weights: bool  # the lowered graphs hold their own copy of the weights
 
-    def build(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> StepProgram: ...
+    @property
+    def captures(self) -> int: ...
+
+    def build(self, model: torch.nn.Module, args: tuple, kwargs: dict, num_steps: int, *, open_ended: bool = False) -> StepProgram: ...
 
     def export(self, program: StepProgram, model: torch.nn.Module, path: Any, format: str, **options: Any) -> Any: ...
+
+    def forget(self) -> None: ...
+
+    def copy_without_captures(self) -> "ProgramBuilder": ...
+
+
+def timestep_index(cls: type) -> int | None:
+    """The positional index of ``forward``'s ``timestep`` argument (``self`` not counted), if any."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters)[1:]  # drop self
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return params.index("timestep") if "timestep" in params else None

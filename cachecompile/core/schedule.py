@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from cachecompile.core.errors import ScheduleError
+from cachecompile.core.errors import ScheduleError, StepMismatchError
 
 __all__ = [
     "Action",
@@ -253,7 +253,7 @@ class Schedule:
     its method (:class:`Method`), so a file cannot hold what a preset would refuse.
     """
 
-    num_steps: int
+    num_steps: int | None
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
     mask: tuple[tuple[tuple[bool, ...], ...], ...] | None = None
@@ -261,7 +261,8 @@ class Schedule:
     compensation: Any = None  # a registered compensation (GOC, EOC, Taylor ...): see register_compensation
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "num_steps", check_int("num_steps", self.num_steps))
+        if self.num_steps is not None:
+            object.__setattr__(self, "num_steps", check_int("num_steps", self.num_steps))
         if self.method not in _METHODS:
             raise ScheduleError(f"unknown schedule method {self.method!r}; known: {sorted(_METHODS)}")
         if not isinstance(self.params, Mapping):
@@ -285,15 +286,16 @@ class Schedule:
         return dataclasses.replace(self, compensation=compensation)
 
     @classmethod
-    def fora(cls, num_steps: int, interval: int, *, compensation: Any = None) -> "Schedule":
+    def fora(cls, num_steps: int | None = None, interval: int | None = None, *, compensation: Any = None) -> "Schedule":
         """FORA: step ``s`` computes everything when ``s % interval == 0``; other steps reuse
-        every block's attention and MLP output (taken before the adaLN gate).
+        every block's attention and MLP output (taken before the adaLN gate). Without
+        ``num_steps`` the schedule binds to each generation's length when it starts.
         See :mod:`cachecompile.methods.reuse`.
 
-        >>> Schedule.fora(4, 2).step_kinds()
+        >>> Schedule.fora(interval=2).step_kinds(4)
         ['full', 'cached', 'full', 'cached']
         """
-        return cls(num_steps=num_steps, method="fora", params={"interval": interval}, compensation=compensation)
+        return cls(num_steps=num_steps, method="fora", params=_given(interval=interval), compensation=compensation)
 
     @classmethod
     def from_mask(cls, mask: Any, branches: Sequence[str] = ("attn", "mlp"), *, compensation: Any = None) -> "Schedule":
@@ -321,7 +323,14 @@ class Schedule:
 
     @classmethod
     def toca(
-        cls, num_steps: int, interval: int, fresh_ratio: Any, score: Any = "v_norm", *, seed: int = 0, compensation: Any = None
+        cls,
+        num_steps: int | None = None,
+        interval: int | None = None,
+        fresh_ratio: Any = None,
+        score: Any = "v_norm",
+        *,
+        seed: int = 0,
+        compensation: Any = None,
     ) -> "Schedule":
         """ToCa: full steps every ``interval``; other steps reuse attention and recompute each
         MLP for the ``round(fresh_ratio × tokens)`` top-scoring tokens. ``fresh_ratio``: a number,
@@ -329,18 +338,18 @@ class Schedule:
         ``random``, ``staleness`` or a weighted sum (``"v_norm+0.25*staleness"``).
         See :mod:`cachecompile.methods.dual`.
 
-        >>> Schedule.toca(4, 2, 0.25).step_kinds()
+        >>> Schedule.toca(interval=2, fresh_ratio=0.25).step_kinds(4)
         ['full', 'conservative', 'full', 'conservative']
         """
-        params = {"interval": interval, "fresh_ratio": fresh_ratio, "score": score, "seed": seed}
+        params = {**_given(interval=interval, fresh_ratio=fresh_ratio), "score": score, "seed": seed}
         return cls(num_steps=num_steps, method="toca", params=params, compensation=compensation)
 
     @classmethod
     def duca(
         cls,
-        num_steps: int,
-        interval: int,
-        fresh_ratio: Any,
+        num_steps: int | None = None,
+        interval: int | None = None,
+        fresh_ratio: Any = None,
         score: Any = "v_norm",
         aggressive_reuse: str = "output",
         *,
@@ -352,23 +361,55 @@ class Schedule:
         output; ``"residual"``: this step's stack input + cached (output − input)).
         See :mod:`cachecompile.methods.dual`.
 
-        >>> Schedule.duca(4, 4, 0.3).step_kinds()
+        >>> Schedule.duca(interval=4, fresh_ratio=0.3).step_kinds(4)
         ['full', 'conservative', 'aggressive', 'conservative']
         """
         params = {
-            "interval": interval, "fresh_ratio": fresh_ratio, "score": score, "seed": seed,
+            **_given(interval=interval, fresh_ratio=fresh_ratio), "score": score, "seed": seed,
             "aggressive_reuse": aggressive_reuse,
         }
         return cls(num_steps=num_steps, method="duca", params=params, compensation=compensation)
 
+    # ----------------------------------------------------------------- length
+    @property
+    def is_bound(self) -> bool:
+        """Whether the schedule has its number of steps (else it binds to each generation's)."""
+        return self.num_steps is not None
+
+    def bind(self, num_steps: int) -> "Schedule":
+        """This schedule for a generation of ``num_steps`` steps: itself when it already has that
+        many, a copy with ``num_steps`` set (checked again, compensation included) when it has
+        none; a :class:`StepMismatchError` when it was built for another number of steps.
+
+        >>> Schedule.fora(interval=3).bind(6) == Schedule.fora(6, 3)
+        True
+        """
+        num_steps = check_int("num_steps", num_steps)
+        if self.num_steps == num_steps:
+            return self
+        if self.num_steps is not None:
+            raise StepMismatchError(
+                f"the generation has {num_steps} denoising steps but the schedule was built for {self.num_steps}. "
+                f"{_rebuild_hint(self, num_steps)}"
+            )
+        return dataclasses.replace(self, num_steps=num_steps)
+
+    def _bound(self, num_steps: int | None, what: str) -> "Schedule":
+        if num_steps is not None:
+            return self.bind(num_steps)
+        if self.num_steps is None:
+            raise ScheduleError(f"{what} needs a number of steps: this schedule binds to each generation's; pass num_steps")
+        return self
+
     # ----------------------------------------------------------------- resolution
     def rules(self, layout: Layout) -> list[dict[str, Action]]:
         """The method's raw ``{region: action}`` per step, before compensation and writes."""
-        return _METHODS[self.method].rules(self, layout)
+        return _METHODS[self.method].rules(self._bound(None, "resolving the schedule"), layout)
 
     def resolve(self, layout: Layout) -> list[StepPlan]:
-        """Per-step plans for a model with this ``layout``. Raises :class:`ScheduleError` for
-        unknown regions and for a reuse before the region was ever computed."""
+        """Per-step plans for a model with this ``layout`` (a bound schedule: see :meth:`bind`).
+        Raises :class:`ScheduleError` for unknown regions and for a reuse before the region was
+        ever computed."""
         rules = self.rules(layout)
         if len(rules) != self.num_steps:
             raise ScheduleError(f"method {self.method!r} produced {len(rules)} steps, expected {self.num_steps}")
@@ -388,12 +429,14 @@ class Schedule:
             rules = transform(rules, self, layout)
         return _plans_with_writes(rules)
 
-    def step_kinds(self) -> list[str]:
-        """A short label per step: ``full`` or ``cached`` (methods may refine the labels)."""
-        label = _METHODS[self.method].label
+    def step_kinds(self, num_steps: int | None = None) -> list[str]:
+        """A short label per step: ``full`` or ``cached`` (methods may refine the labels); a
+        schedule without a step count needs ``num_steps``."""
+        s = self._bound(num_steps, "step_kinds()")
+        label = _METHODS[s.method].label
         if label is not None:
-            return [label(self, s) for s in range(self.num_steps)]
-        return ["full" if not acts else "cached" for acts in self.rules(_GENERIC)]
+            return [label(s, step) for step in range(s.num_steps)]
+        return ["full" if not acts else "cached" for acts in s.rules(_GENERIC)]
 
     # ----------------------------------------------------------------- io
     def to_dict(self) -> dict[str, Any]:
@@ -418,7 +461,7 @@ class Schedule:
         stray = sorted(set(d) - set(_FIELDS))
         if stray:
             raise ScheduleError(f"unknown schedule field(s) {stray}; a schedule has {list(_FIELDS)}")
-        missing = [k for k in ("num_steps", "method") if k not in d]
+        missing = [k for k in ("num_steps", "method") if k not in d]  # num_steps may be null: unbound
         if missing:
             raise ScheduleError(f"the schedule lacks {missing}; save schedules with Schedule.save")
         mask, steps, comp = d.get("mask"), d.get("steps"), d.get("compensation")
@@ -464,13 +507,28 @@ class Schedule:
         return format_table(self)
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
-        comp = f", compensation={self.compensation!r}" if self.compensation is not None else ""
-        return f"Schedule.{self.method}(num_steps={self.num_steps}{', ' if params else ''}{params}{comp})"
+        parts = [] if self.num_steps is None else [f"num_steps={self.num_steps}"]
+        parts += [f"{k}={v!r}" for k, v in sorted(self.params.items())]
+        if self.compensation is not None:
+            parts.append(f"compensation={self.compensation!r}")
+        return f"Schedule.{self.method}({', '.join(parts)})"
 
 
 # One column standing for every block, when the model is not known yet.
 _GENERIC = Layout(branches=(("attn", "mlp"),))
+
+
+def _given(**params: Any) -> dict[str, Any]:
+    """The preset parameters the caller gave (a missing required one is the method's error)."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _rebuild_hint(s: Schedule, num_steps: int) -> str:
+    if s.method in ("mask", "explicit") or s.compensation is not None and s.compensation.kind == "eoc":
+        return (f"Masks, explicit and calibrated schedules fix their step count: build or calibrate one for "
+                f"{num_steps} steps, or run {s.num_steps} steps.")
+    return (f"Build it without num_steps (e.g. Schedule.{s.method}(interval=...)) to follow every generation's "
+            f"length, or run {s.num_steps} steps.")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -647,12 +705,17 @@ def _summarise_names(names: list[str], limit: int = 12) -> str:
 def format_table(s: Schedule, layout: Layout | None = None) -> str:
     """The step × block picture: one row per step; per block ``A``/``M`` when attention/MLP is
     computed, ``·`` when reused, ``p`` when partially recomputed, ``~`` when forecast,
-    ``S`` when the whole stack is reused."""
+    ``S`` when the whole stack is reused. A schedule without a step count shows its first steps
+    (two periods) and repeats them."""
+    lines = [repr(s)]
+    if s.num_steps is None:
+        period = int(s.params.get("interval", 1))
+        s = s.bind(max(2 * period, 4))
+        lines.append(f"(binds to each generation's length; the first {s.num_steps} steps, then the same pattern)")
     if layout is None:
         nb = len(s.mask[0]) if s.mask is not None else None
         layout = Layout(branches=(("attn", "mlp"),) * nb) if nb else None
     kinds = s.step_kinds()
-    lines = [repr(s)]
     if layout is None:
         # Model not known yet: one column stands for every block.
         lines.append("step  kind          all blocks")

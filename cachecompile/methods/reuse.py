@@ -33,7 +33,7 @@ def check_params(s: Schedule, **expected: Any) -> dict[str, Any]:
     for name, default in expected.items():
         if name not in params:
             if default is ...:
-                raise ScheduleError(f"schedule method {s.method!r} needs parameter {name!r}")
+                raise ScheduleError(f"schedule method {s.method!r} needs parameter {name!r}: Schedule.{s.method}({name}=...)")
             params[name] = default
     return params
 

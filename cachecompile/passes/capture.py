@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from cachecompile.core.errors import CaptureError
-from cachecompile.core.program import CallSpec, InputLeaf
+from cachecompile.core.program import CallSpec, InputLeaf, timestep_index
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def _decomposition_table() -> dict:
     return table
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, decompose: bool = False) -> Captured:
+def capture(
+    model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, decompose: bool = False, dynamic_batch: bool = True,
+) -> Captured:
     """Export ``model(*args, **kwargs)`` non-strictly and return a flat :class:`Captured` graph.
 
     By default the graph stays in export's ATen IR (``aten.linear``, ``aten.layer_norm``,
@@ -52,34 +55,41 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     float32 results by about 1e-7 per call. The model is not modified. Raises :class:`CaptureError` with the exporter's message when the
     model cannot be exported as a single graph.
 
+    With ``dynamic_batch`` the batch dimension is symbolic: dimension 0 of every tensor input
+    whose size there equals the first tensor input's (hidden states, timesteps, labels, text
+    embeddings ...) is one ``torch.export.Dim``, so the graph serves every batch size. A batch of
+    1 is captured as 2 (export specialises size-1 dimensions). Where export refuses the dynamic
+    batch, the capture is static and another batch size captures again.
+
     >>> import torch
     >>> cap = capture(torch.nn.Linear(3, 2).eval(), (torch.randn(4, 3),))
-    >>> cap.gm(torch.ones(4, 3))[0].shape
-    torch.Size([4, 2])
+    >>> cap.gm(torch.ones(5, 3))[0].shape
+    torch.Size([5, 2])
     """
     kwargs = dict(kwargs or {})
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
-            if decompose:
-                ep = ep.run_decompositions(_decomposition_table())
-    except Exception as e:  # the exporter's own errors are long; keep them, add what to do
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} as one graph "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). cachecompile needs a "
-            f"model that torch.export.export(model, args, kwargs, strict=False) accepts; fix the "
-            f"data-dependent control flow it reports, or call the model with the inputs the "
-            f"pipeline really uses."
-        ) from e
+    _refuse_weight_hooks(model)
+    flat_args, in_spec = pytree.tree_flatten((tuple(args), kwargs))
+    batched = _batch_leaves(flat_args) if dynamic_batch else set()
+    ep = None
+    if batched:
+        try:
+            ep = _export(model, flat_args, in_spec, batched, decompose)
+        except Exception as e:  # noqa: BLE001 - a dynamic batch export refused: capture for this batch only
+            log.info("cachecompile: a dynamic batch does not export (%s: %s); capturing a static batch",
+                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            batched = set()
+    if ep is None:
+        ep = _export(model, flat_args, in_spec, set(), decompose)
 
     gm = _flat_module(ep)
-    flat_args, in_spec = pytree.tree_flatten((tuple(args), kwargs))
-    names = _leaf_names(args, kwargs)
+    names = _leaf_names(args, kwargs, _forward_params(type(model)))
+    bounds = _index_bounds(gm)
     leaves, examples = [], []
-    for name, value in zip(names, flat_args):
+    for i, (name, value) in enumerate(zip(names, flat_args)):
         if isinstance(value, torch.Tensor):
-            leaves.append(InputLeaf(name, len(examples), tuple(value.shape), value.dtype))
-            examples.append(value.detach())
+            leaves.append(InputLeaf(name, len(examples), tuple(value.shape), value.dtype, device=str(value.device),
+                                    batched=i in batched, index_bound=bounds.get(len(examples))))
+            examples.append(_at_least_two(value.detach()) if i in batched else value.detach())
         else:
             leaves.append(InputLeaf(name, None, value=value))
     call = CallSpec(
@@ -91,17 +101,109 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
         timestep_arg=timestep_index(type(model)),
     )
-    log.info("captured %s: %d nodes", call.model_class, len(gm.graph.nodes))
+    log.info("captured %s: %d nodes%s", call.model_class, len(gm.graph.nodes), ", dynamic batch" if batched else "")
     return Captured(gm, call, examples)
 
 
-def timestep_index(cls: type) -> int | None:
-    """The positional index of ``forward``'s ``timestep`` argument (``self`` not counted), if any."""
+# diffusers hooks that change the weights inside forward (cast them in and out, or move them
+# between devices): a captured graph would bake one state of the weights.
+_WEIGHT_HOOKS = {
+    "layerwise_casting": "layerwise casting (enable_layerwise_casting)",
+    "group_offloading": "group offloading (enable_group_offload)",
+}
+
+
+def _refuse_weight_hooks(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        found = [_WEIGHT_HOOKS[h] for h in getattr(registry, "hooks", {}) if h in _WEIGHT_HOOKS]
+        if found:
+            raise CaptureError(
+                f"{type(model).__name__} has {found[0]} enabled: it changes the weights inside every forward, which a "
+                f"captured graph cannot follow. Optimize the model without it (cast the model to the dtype to compute "
+                f"in, e.g. model.to(torch.bfloat16), and keep it on one device), or call the model uncached"
+            )
+
+
+# Ops that pass integer indices through unchanged in value (to an embedding lookup).
+_INDEX_PASS = ("aten.view.default", "aten.reshape.default", "aten.flatten.using_ints", "aten.unsqueeze.default",
+               "aten.squeeze.dim", "aten._to_copy.default", "aten.to.dtype", "aten.clone.default", "aten.alias.default")
+
+
+def _index_bounds(gm: torch.fx.GraphModule) -> dict[int, int]:
+    """Tensor input position → the number of rows of the embedding table its values index
+    (class labels): a value outside ``[0, rows)`` is an error in eager PyTorch, but an ONNX
+    ``Gather`` wraps negative indices, so the runtime checks them before any backend runs."""
+    out: dict[int, int] = {}
+    for pos, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point or val.dtype == torch.bool:
+            continue
+        work, seen = [ph], set()
+        while work:
+            node = work.pop()
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.target is torch.ops.aten.embedding.default and len(user.args) > 1 and user.args[1] is node:
+                    weight = user.args[0].meta.get("val")
+                    if isinstance(weight, torch.Tensor) and isinstance(weight.shape[0], int):
+                        out[pos] = min(out.get(pos, weight.shape[0]), weight.shape[0])
+                elif str(user.target) in _INDEX_PASS:
+                    work.append(user)
+    return out
+
+
+def _batch_leaves(flat: list) -> set[int]:
+    """Indices of the tensor leaves that carry the batch: dimension 0 equal to the first tensor's."""
+    tensors = [(i, v) for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and v.dim() >= 1]
+    if not tensors:
+        return set()
+    batch = tensors[0][1].shape[0]
+    return {i for i, v in tensors if v.shape[0] == batch}
+
+
+def _at_least_two(t: torch.Tensor) -> torch.Tensor:
+    """A batch of 1 repeated to 2: export specialises size-1 dimensions, 2 stays symbolic."""
+    return torch.cat([t, t]) if t.shape[0] == 1 else t
+
+
+def _export(model: torch.nn.Module, flat: list, spec: pytree.TreeSpec, batched: set[int], decompose: bool) -> Any:
+    example = [_at_least_two(v) if i in batched else v for i, v in enumerate(flat)]
+    args, kwargs = pytree.tree_unflatten(example, spec)
+    dynamic = None
+    if batched:
+        dim = torch.export.Dim("batch", min=1, max=1 << 16)
+        # One spec per leaf, nested like the inputs (dicts, tuples), keyed by forward's parameter names.
+        specs_args, specs_kwargs = pytree.tree_unflatten([{0: dim} if i in batched else None for i in range(len(flat))], spec)
+        names = _forward_params(type(model))
+        if len(specs_args) > len(names):
+            raise CaptureError("more positional arguments than forward's named parameters")
+        dynamic = {**dict(zip(names, specs_args)), **specs_kwargs}
     try:
-        params = list(inspect.signature(cls.forward).parameters)[1:]  # drop self
+        with torch.no_grad():
+            ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+            if decompose:
+                ep = ep.run_decompositions(_decomposition_table())
+    except Exception as e:  # the exporter's own errors are long; keep them, add what to do
+        if batched:
+            raise
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__} as one graph "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). cachecompile needs a "
+            f"model that torch.export.export(model, args, kwargs, strict=False) accepts; fix the "
+            f"data-dependent control flow it reports, or call the model with the inputs the "
+            f"pipeline really uses."
+        ) from e
+    return ep
+
+
+def _forward_params(cls: type) -> list[str]:
+    try:
+        return list(inspect.signature(cls.forward).parameters)[1:]  # drop self
     except (AttributeError, TypeError, ValueError):
-        return None
-    return params.index("timestep") if "timestep" in params else None
+        return []
 
 
 def _flat_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
@@ -133,12 +235,18 @@ def _flat_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     return gm
 
 
-def _leaf_names(args: tuple, kwargs: dict) -> list[str]:
-    """Readable names for the flattened leaves, for error messages (``hidden_states``, ``args[0]``)."""
+def _leaf_names(args: tuple, kwargs: dict, params: list[str] = ()) -> list[str]:
+    """Readable names for the flattened leaves, for error messages: a positional argument by its
+    parameter's name in ``forward`` (``hidden_states``), else ``args[0]``; nested leaves add
+    their keys (``added_cond_kwargs.resolution``)."""
     paths, _ = pytree.tree_flatten_with_path((tuple(args), kwargs))
     names = []
     for path, _ in paths:
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        head = "args" if keys and keys[0] == "0" else ""
-        names.append(".".join(keys[1:]) if head == "" else f"args[{keys[1]}]" + "".join(f".{k}" for k in keys[2:]))
+        if keys and keys[0] == "0":  # positional
+            index = int(keys[1])
+            head = params[index] if index < len(params) else f"args[{index}]"
+            names.append(head + "".join(f".{k}" for k in keys[2:]))
+        else:
+            names.append(".".join(keys[1:]))
     return names

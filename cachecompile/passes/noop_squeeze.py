@@ -24,12 +24,13 @@ __all__ = ["remove_noop_squeezes"]
 _SQUEEZES = ("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default")
 
 
-def _static_shape(node: object) -> tuple[int, ...] | None:
-    """The node's shape when every dim is a plain int (symbolic shapes are left alone)."""
+def _shape(node: object) -> tuple[object, ...] | None:
+    """The node's shape, a symbolic size (the batch) by its symbol, so that equal shapes compare
+    equal without a guard."""
     val = getattr(node, "meta", {}).get("val")
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+    if not isinstance(val, torch.Tensor):
         return None
-    return tuple(val.shape)
+    return tuple(d if isinstance(d, int) else str(d) for d in val.shape)
 
 
 def remove_noop_squeezes(gm: torch.fx.GraphModule, regions: RegionMap | None = None, plan: StepPlan | None = None) -> torch.fx.GraphModule:
@@ -39,7 +40,7 @@ def remove_noop_squeezes(gm: torch.fx.GraphModule, regions: RegionMap | None = N
         if node.op != "call_function" or str(node.target) not in _SQUEEZES:
             continue
         src = node.args[0]
-        a, b = _static_shape(node), _static_shape(src)
+        a, b = _shape(node), _shape(src)
         if a is not None and a == b:
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)

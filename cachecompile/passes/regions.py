@@ -95,7 +95,8 @@ def _make_region(name: str, path: str, nodes: Sequence[torch.fx.Node]) -> Region
     inputs: list[torch.fx.Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
-            if a not in inside and a.op != "get_attr" and a not in inputs:
+            # tensors only: a symbolic size read from outside (the batch) is not an input to cache or gather
+            if a not in inside and a.op != "get_attr" and a not in inputs and isinstance(a.meta.get("val"), torch.Tensor):
                 inputs.append(a)
     order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
     inputs.sort(key=order.__getitem__)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 from typing import Any, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
 
-from cachecompile.core.errors import InputMismatchError
-from cachecompile.core.program import ProgramBuilder, StepProgram
+from cachecompile.core.errors import InputMismatchError, StepMismatchError
+from cachecompile.core.program import ProgramBuilder, StepProgram, timestep_index
 from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import Schedule, StepPlan
 from cachecompile.runtime.artifact import load_program
@@ -28,18 +29,22 @@ from cachecompile.runtime.steps import StepClock, timestep_value
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CachedTransformer", "HoldsModel", "InputMismatchError"]
+__all__ = ["CachedTransformer", "ConcurrentUseError", "HoldsModel", "InputMismatchError", "fingerprint"]
 
 
 class HoldsModel(torch.nn.Module):
-    """A stand-in for a model in a pipeline: holds the original model without registering it
-    (``state_dict()`` and ``parameters()`` stay ours; the model object is never modified, except
-    that ``.to()`` and its kin move it) and answers the attributes it lacks (``config``,
-    ``dtype``, ``device`` ...) from that model."""
+    """A stand-in for a model in a pipeline: holds the original model without registering it as
+    a submodule (the model object is never modified, except that ``.to()`` and its kin move it)
+    and answers for it: the attributes it lacks (``config``, ``dtype``, ``device`` ...), and its
+    parameters, buffers, ``state_dict``/``load_state_dict`` and ``train``/``eval`` under the
+    model's own names, so a checkpoint of the plain model loads into it and accelerate's offload
+    finds the weights."""
 
     def __init__(self, model: torch.nn.Module | None) -> None:
         super().__init__()
         object.__setattr__(self, "_model", model)
+        if model is not None:
+            self.__dict__["__module__"] = type(model).__module__  # see __class__
 
     @property
     def model(self) -> torch.nn.Module:
@@ -70,21 +75,95 @@ class HoldsModel(torch.nn.Module):
     def _model_moved(self) -> None:
         """Called after ``.to()`` changed the held model's devices or dtypes."""
 
+    # The held model's weights and mode, under its own names.
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        return self._held().parameters(recurse)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return self._held().named_parameters(*args, **kwargs)
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        return self._held().buffers(recurse)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._held().named_buffers(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._held().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self._held().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def train(self, mode: bool = True) -> "HoldsModel":
+        super().train(mode)
+        model = self.__dict__.get("_model")
+        if model is not None:
+            model.train(mode)
+        return self
+
+    def _held(self) -> torch.nn.Module:
+        model = self.__dict__.get("_model")
+        return model if model is not None else _NO_MODEL
+
+    # diffusers registers, saves and loads a pipeline's components by their class and module
+    # (``save_pretrained`` calls the component's own ``save_pretrained`` when its class is a
+    # ``ModelMixin``): the stand-in gives the held model's, so a pipeline saves the plain model's
+    # weights and config and loads back the plain model. ``type(stand_in)`` stays the stand-in's.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        model = self.__dict__.get("_model")
+        return type(model) if model is not None else type(self)
+
+    def _get_name(self) -> str:  # its repr names the stand-in
+        return type(self).__name__
+
+
+_NO_MODEL = torch.nn.Module()  # what a stand-in without a model (a loaded artifact) answers for
+
 
 def _placement(model: torch.nn.Module) -> set[tuple[torch.device, torch.dtype]]:
     return {(t.device, t.dtype) for t in itertools.chain(model.parameters(), model.buffers())}
+
+
+def fingerprint(model: torch.nn.Module, weights_by_value: bool) -> tuple:
+    """What the step graphs depend on besides the call: the parameter and buffer objects (and,
+    where a backend keeps its own copy of the weights, their in-place versions), each module's
+    type, mode, attention processor, forward hooks and instance-level ``forward`` (diffusers'
+    hook registry replaces it). A change means the model changed since it was captured."""
+    tensors = tuple(
+        (name, id(t), t._version if weights_by_value else 0)
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+    )
+    modules = tuple(
+        (name, type(m), m.training, id(getattr(m, "processor", None)), id(m.__dict__.get("forward")),
+         tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    )
+    return tensors, modules
+
+
+class ConcurrentUseError(RuntimeError):
+    """One cached transformer was called from two threads at once."""
 
 
 class CachedTransformer(HoldsModel):
     """A transformer whose calls follow a cache schedule. Build it with :func:`cachecompile.optimize`
     (or load one with :func:`cachecompile.load`).
 
+    Each generation runs the step program of its call and its length: the program is built on
+    the first call of a generation whose input signature (the call but its batch size) or length
+    is new, and reused afterwards. The model is checked at the start of every generation: new
+    weights objects, an in-place weight update (where the backend keeps its own copy), another
+    attention processor, ``train()``/``eval()``, added hooks — it is captured again, as a
+    ``torch.compile``'d module recompiles.
+
     Attributes:
         schedule: the :class:`~cachecompile.Schedule`.
-        plans: one :class:`~cachecompile.core.schedule.StepPlan` per step (after the first call).
+        plans: one :class:`~cachecompile.core.schedule.StepPlan` per step of the current program.
         step_graphs: each distinct plan → its rewritten ``GraphModule``.
         region_map: the regions found in the captured graph.
         program: the :class:`~cachecompile.core.program.StepProgram` being executed.
+        captures: how many input signatures are captured.
     """
 
     def __init__(
@@ -101,19 +180,19 @@ class CachedTransformer(HoldsModel):
             raise ValueError("a CachedTransformer runs a program: give it a builder (cc.optimize) or a program (cc.load)")
         self.schedule = schedule
         self._builder = builder
-        # Counts calls into (step, call within step) and checks they fit the schedule (runtime.steps).
-        self._clock = StepClock(schedule.num_steps, calls_per_step)
+        # Counts calls into (step, call within step) and checks they fit the generation (runtime.steps).
+        self._clock = StepClock(schedule.num_steps if program is None else program.num_steps, calls_per_step)
         self._context: Any = None  # the pipeline's cache_context name for the current call
         self._store = CacheStore()
-        self._program: StepProgram | None = None
+        self._lock = threading.Lock()
+        self._program: StepProgram | None = program
+        self._timestep_arg = program.call.timestep_arg if program is not None else timestep_index(type(model))
+        self._fingerprint: tuple | None = None
+        self._generation: tuple[int, int | None] | None = None  # (thread, batch) of the running generation
+        self._last_length: int | None = None  # the length of the last open-ended generation
+        self._steps_run = 0  # steps the running generation has run
         if program is not None:
-            self._run(program)
-
-    def _run(self, program: StepProgram) -> None:
-        """Execute ``program`` from now on, starting with a new generation."""
-        self._program = program
-        self._store.in_place = program.reuses_outputs
-        self.reset()
+            self._store.in_place = program.reuses_outputs
 
     # ------------------------------------------------------------------ properties
     @property
@@ -128,6 +207,12 @@ class CachedTransformer(HoldsModel):
     @property
     def is_captured(self) -> bool:
         return self._program is not None
+
+    @property
+    def captures(self) -> int:
+        """How many input signatures (the call but its batch size: resolution, dtype, device,
+        constant arguments) are captured; each has its own step graphs."""
+        return self._builder.captures if self._builder is not None else 1
 
     @property
     def plans(self) -> list[StepPlan] | None:
@@ -158,16 +243,39 @@ class CachedTransformer(HoldsModel):
         return self._store.nbytes
 
     # ------------------------------------------------------------------ building
-    def prepare(self, *args: Any, **kwargs: Any) -> "CachedTransformer":
-        """Capture, find regions, resolve the schedule, rewrite and lower, for these inputs.
+    def prepare(self, *args: Any, num_steps: int | None = None, **kwargs: Any) -> "CachedTransformer":
+        """Capture, find regions, resolve the schedule, rewrite and lower, for the call
+        ``model(*args, **kwargs)`` and a generation of the schedule's number of steps (or
+        ``num_steps`` for a schedule without one; else an open-ended generation).
 
-        Called by the first ``forward``; call it yourself to pay the cost up front. All or
-        nothing: on error the module stays uncaptured.
+        The first call of a generation does it; call it yourself to pay the cost up front. All
+        or nothing: on error the module stays as it was.
         """
         if self._builder is None:
             raise RuntimeError("this model was loaded from an artifact: its step graphs are built already")
-        self._run(self._builder.build(self._model, args, kwargs))
+        length = self.schedule.num_steps or num_steps
+        self._check_model()
+        program = self._builder.build(
+            self._model, args, kwargs, length or self._last_length or _DEFAULT_HORIZON, open_ended=length is None
+        )
+        self._run(program)
         return self
+
+    def _run(self, program: StepProgram) -> None:
+        if program is not self._program:
+            self._program = program
+            self._store.in_place = program.reuses_outputs
+
+    def _check_model(self) -> None:
+        """Forget the captures when the model changed since they were made."""
+        if self._builder is None or self._model is None:
+            return
+        now = fingerprint(self._model, self._builder.bakes_weights)
+        if self._fingerprint is not None and now != self._fingerprint and self._builder.captures:
+            log.info("cachecompile: the model changed (weights, modules, mode or hooks); capturing again")
+            self._builder.forget()
+            self._program = None
+        self._fingerprint = now
 
     def _apply(self, fn: Any, recurse: bool = True) -> "CachedTransformer":
         program = self._program
@@ -186,10 +294,11 @@ class CachedTransformer(HoldsModel):
     def _model_moved(self) -> None:
         # The step graphs were captured and compiled for the old devices/dtypes: like a
         # torch.compile'd module, capture and compile again on the next call.
-        if self._program is None:
+        if self._builder is None or not self._builder.captures:
             return
         log.info("cachecompile: the model moved to %s; its step graphs are rebuilt on the next call",
                  sorted({f"{d}/{str(t).removeprefix('torch.')}" for d, t in _placement(self._model)}))
+        self._builder.forget()
         self._program = None
         self.reset()
 
@@ -197,19 +306,36 @@ class CachedTransformer(HoldsModel):
         """Start a new generation: the next call is step 0 and the cache is emptied."""
         self._clock.reset()
         self._store.clear()
+        self._generation = None
+
+    def _reset_stateful_cache(self) -> None:
+        """diffusers pipelines call this at the end of every call (``maybe_free_model_hooks``): the
+        generation is over, so the next call starts a new one even when only the transformer was
+        swapped."""
+        self._end_open_generation()
+        self._clock.reset()
+        self._store.new_generation()
+        self._generation = None
 
     def begin_generation(self, num_steps: int | None = None) -> None:
         """Pipeline hook: a generation of ``num_steps`` denoising steps starts now.
 
-        Raises :class:`~cachecompile.StepMismatchError` (before any step runs) when
-        ``num_steps`` differs from the schedule's, then makes the next call step 0; the cache
-        buffers are kept. ``cc.optimize(pipe, schedule)`` makes the pipeline call it at the start
-        of every denoising loop; a hand-written loop may call it too::
+        A schedule without a step count binds to ``num_steps``; one built for another number of
+        steps raises :class:`~cachecompile.StepMismatchError` (before any step runs). The next
+        call is step 0; the cache buffers are kept. ``cc.optimize(pipe, schedule)`` makes the
+        pipeline call it at the start of every denoising loop; a hand-written loop may call it
+        too::
 
             cached.begin_generation(len(scheduler.timesteps))
         """
+        if self._builder is None and num_steps is not None and self._program is not None and num_steps != self._program.num_steps:
+            raise StepMismatchError(
+                f"this artifact was exported for {self._program.num_steps} denoising steps, the pipeline runs "
+                f"{num_steps}: export it again for {num_steps} steps"
+            )
         self._clock.begin_generation(num_steps)
         self._store.new_generation()
+        self._generation = None
 
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
@@ -223,44 +349,31 @@ class CachedTransformer(HoldsModel):
             self._context = previous
 
     # ------------------------------------------------------------------ calling
-    def _tensor_inputs(self, program: StepProgram, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        call = program.call
-        if set(kwargs) == set(call.kwarg_order):  # keyword order is free in Python, not in a pytree spec
-            kwargs = {k: kwargs[k] for k in call.kwarg_order}
-        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
-        if spec != call.in_spec:
-            raise InputMismatchError(
-                f"this call's arguments {_describe_spec(args, kwargs)} differ from the captured call's "
-                f"structure; call the cached transformer with the same arguments (same keywords, same "
-                f"None/non-None) as its first call, or optimize the model again for this call"
-            )
-        tensors = []
-        for leaf, value in zip(call.leaves, leaves):
-            if leaf.tensor_index is None:
-                if value != leaf.value:
-                    raise InputMismatchError(
-                        f"argument {leaf.name!r} is {value!r} but the graph was captured with {leaf.value!r}; "
-                        f"non-tensor arguments are fixed in the captured graph: optimize the model again for {value!r}"
-                    )
-                continue
-            if tuple(value.shape) != leaf.shape or value.dtype != leaf.dtype:
-                raise InputMismatchError(
-                    f"input {leaf.name!r} has shape {tuple(value.shape)} and dtype {value.dtype}, but the "
-                    f"step graphs were captured for shape {leaf.shape} and dtype {leaf.dtype}. Step graphs "
-                    f"have static shapes: call cachecompile.optimize(model, schedule) again for the new "
-                    f"shape (batch size, resolution or classifier-free-guidance batching changed)"
-                )
-            tensors.append(value)
-        return tensors
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._program is None:
-            self.prepare(*args, **kwargs)
-        program = self._program
-        assert program is not None
-        tensors = self._tensor_inputs(program, args, kwargs)
-        t = self._timestep_of(program, args, kwargs)
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentUseError(_CONCURRENT)
+        try:
+            return self._call(args, kwargs)
+        finally:
+            self._lock.release()
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        t = self._timestep_of(args, kwargs)
         pos = self._clock.locate(t, self._context)  # raises before anything runs when calls do not fit
+        thread = threading.get_ident()
+        if pos.starts:
+            program = self._start(args, kwargs)
+            tensors = program.call.tensors(args, kwargs)
+            self._store.new_generation()
+            self._generation = (thread, program.call.batch_of(tensors))
+        else:
+            if self._generation is not None and self._generation[0] != thread:
+                raise ConcurrentUseError(_CONCURRENT)
+            program = self._program
+            assert program is not None
+            tensors = self._same_generation(program, args, kwargs)
+            if pos.step >= program.num_steps:  # an open-ended generation outgrew its program
+                program = self._extend(args, kwargs, pos.step)
         step, call = pos.step, pos.call
         idx = program.graph_of_step[step]
         io = program.io[idx]
@@ -269,23 +382,96 @@ class CachedTransformer(HoldsModel):
         outs = program.runners[idx](*tensors, *cache_in, *step_in)
         n = program.call.num_outputs
         self._store.write_all(call, zip(io.cache_outputs, outs[n:]), caller=(*tensors, *outs[:n]))
+        self._steps_run = step + 1
         if self._clock.advance(pos, t, self._context):
             self._store.new_generation()  # the next call starts a new generation
+            self._generation = None
         return pytree.tree_unflatten(list(outs[:n]), program.call.out_spec)
 
-    @staticmethod
-    def _timestep_of(program: StepProgram, args: tuple, kwargs: dict) -> float | None:
+    def _start(self, args: tuple, kwargs: dict) -> StepProgram:
+        """The program of a generation that starts with this call."""
+        if self._builder is None:  # a loaded artifact: one program, for its call and length
+            program = self._program
+            assert program is not None
+            return program
+        self._end_open_generation()
+        self._check_model()
+        length = self._clock.length
+        open_ended = length is None
+        if open_ended:  # learnt from the last open-ended generation; a longer one grows it
+            length = self._last_length or _DEFAULT_HORIZON
+        program = self._builder.build(self._model, args, kwargs, length, open_ended=open_ended)
+        self._run(program)
+        return program
+
+    def _end_open_generation(self) -> None:
+        """Remember how long an open-ended generation that ends now ran."""
+        if self._generation is not None and self._program is not None and self._steps_run:
+            if self.schedule.num_steps is None:
+                self._last_length = self._steps_run
+        self._steps_run = 0
+
+    def _extend(self, args: tuple, kwargs: dict, step: int) -> StepProgram:
+        """A longer program for an open-ended generation that reached the end of its own."""
+        assert self._builder is not None and self._program is not None
+        length = max(2 * self._program.num_steps, step + 1)
+        program = self._builder.build(self._model, args, kwargs, length, open_ended=True)
+        self._run(program)
+        return program
+
+    def _same_generation(self, program: StepProgram, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The graph inputs of a call in a running generation, which must keep its batch."""
+        tensors = program.call.tensors(args, kwargs)
+        batch = program.call.batch_of(tensors)
+        if self._generation is not None and batch != self._generation[1]:
+            raise InputMismatchError(
+                f"the batch changed from {self._generation[1]} to {batch} within a generation: the cache holds "
+                f"values of the first batch; keep one batch per generation (call transformer.reset() to abandon it)"
+            )
+        return tensors
+
+    def _timestep_of(self, args: tuple, kwargs: dict) -> float | None:
         """The call's timestep (first element), read to check the calls against the schedule."""
         if "timestep" in kwargs:
             return timestep_value(kwargs["timestep"])
-        idx = program.call.timestep_arg
+        idx = self._timestep_arg
         return timestep_value(args[idx]) if idx is not None and idx < len(args) else None
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save``, ``copy.deepcopy``) keeps the model, the schedule and the
+        options; the captures and the cache are rebuilt on the next call, as a
+        ``torch.compile``'d module recompiles."""
+        if self._builder is None:
+            raise TypeError(
+                "a model loaded from an artifact cannot be pickled or deep-copied: keep the artifact directory and "
+                "load it again with cachecompile.load (or share the loaded model)"
+            )
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        state["_program"] = None
+        state["_store"] = CacheStore()
+        state["_generation"] = None
+        state["_builder"] = self._builder.copy_without_captures()
+        state["_clock"] = StepClock(self.schedule.num_steps, self._clock.declared)
+        state["_fingerprint"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_lock"] = threading.Lock()
+        self.__dict__.update(state)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # by the stand-in's own type: ``__class__`` answers the held model's (see HoldsModel)
+        return (_new, (type(self),), self.__getstate__())
 
     # ------------------------------------------------------------------ artifacts
     def export(self, path: Any, format: str = "aoti", **options: Any) -> Any:
         """Write the step graphs as a deployable directory (see :mod:`cachecompile.core.artifact`):
         ``format`` is ``"aoti"``, ``"onnx"`` or ``"tensorrt"``; load it with ``cachecompile.load``.
-        The model must have been called once (or optimized with example inputs) first.
+        The program of the last generation (its call, its length) is exported: call the model
+        once first (or optimize it with example inputs). Its batch dimension stays dynamic where
+        the capture made it so.
 
         >>> cached.export("dit-fora3", format="onnx")   # doctest: +SKIP
         """
@@ -345,5 +531,16 @@ class CachedTransformer(HoldsModel):
         return f"schedule={self.schedule!r}, backend={self.backend!r}, {state}"
 
 
-def _describe_spec(args: tuple, kwargs: dict) -> str:
-    return f"({len(args)} positional, keywords {sorted(kwargs)})"
+def _new(cls: type) -> Any:
+    """Unpickling: an empty instance that ``__setstate__`` fills."""
+    return cls.__new__(cls)
+
+
+# The first program of an open-ended generation covers this many steps; longer ones grow it.
+_DEFAULT_HORIZON = 64
+
+_CONCURRENT = (
+    "this cached transformer is running a generation in another thread: one CachedTransformer runs one "
+    "generation at a time. Give each thread its own: cachecompile.optimize(model, schedule) again (they share "
+    "the model's weights) or copy.deepcopy(cached)"
+)

@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import cachecompile as cc
+from cachecompile.compile.pipeline import concrete_shape
 from cachecompile.sampling import ddim_sample
 from tests.conftest import NULL_CLASS, make_dit
 
@@ -88,7 +89,7 @@ def test_duca_run_with_partial_recompute_on_onnxruntime(model):
     backend = get_backend("onnxruntime")
     with tempfile.TemporaryDirectory() as tmp:
         for i, gm in enumerate(lowered.step_graphs.values()):
-            inputs = [torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype) for n in gm.graph.find_nodes(op="placeholder")]
+            inputs = [torch.zeros(concrete_shape(n.meta["val"]), dtype=n.meta["val"].dtype) for n in gm.graph.find_nodes(op="placeholder")]
             inputs[: len(lowered.program.example_inputs)] = lowered.program.example_inputs
             entry = backend.export(gm, inputs, Path(tmp), f"step{i}")
             assert check_onnx_for_tensorrt(Path(tmp) / entry["files"]["onnx"]) == []

@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cachecompile as cc
+from cachecompile.compile.pipeline import example_inputs
 from cachecompile.tools.flops import flop_counter, sampling_flops
 from cachecompile.methods.dual import Partial, ReuseResidual, toca_profile
 from cachecompile.sampling import ddim_sample
@@ -164,7 +165,7 @@ def test_flops_ratio_of_a_whole_run(dit, labels, sample_kwargs):
     full = flops(lambda: dit(**inputs))
     per_kind = {}
     for plan, graph in cached.step_graphs.items():
-        zeros = [torch.zeros(p.meta["val"].shape, dtype=p.meta["val"].dtype) for p in graph.graph.nodes if p.op == "placeholder"][3:]
+        zeros = example_inputs(graph, list(inputs.values()))[3:]
         per_kind[plan] = flops(lambda: graph(*inputs.values(), *zeros))
     total = sum(per_kind[p] for p in cached.plans)
     assert ratio == pytest.approx(12 * full / total, rel=1e-9)

@@ -70,23 +70,23 @@ def test_staleness_picks_the_tokens_recomputed_longest_ago():
     step = torch.tensor(4)
     torch.testing.assert_close(staleness_score(stamp, step), torch.tensor([[4.0, 1.0, 3.0, 2.0], [2.0, 2.0, 4.0, 3.0]]))
     assert _picked(staleness_score(stamp, step), 2) == [{0, 2}, {2, 3}]
-    fresh = stamp_all(torch.tensor(5), 2, 4)
+    fresh = stamp_all(torch.tensor(5), torch.empty(2, 4, 8))
     assert torch.equal(fresh, torch.full((2, 4), 5.0))
     idx = torch.tensor([[0, 2], [3, 1]])
     assert torch.equal(restamp(stamp, idx, step), torch.tensor([[4.0, 3.0, 4.0, 2.0], [2.0, 4.0, 0.0, 4.0]]))
 
 
 def test_random_is_reproducible_per_step_and_seed_and_spreads_the_picks():
-    a = random_score(torch.tensor(7), batch=3, tokens=64, seed=0)
+    a = random_score(torch.tensor(7), torch.empty(3, 64), seed=0)
     assert a.shape == (3, 64) and torch.equal(a[0], a[2])  # one row for every sample
-    assert torch.equal(a, random_score(torch.tensor(7), batch=3, tokens=64, seed=0))
-    assert not torch.equal(a, random_score(torch.tensor(8), batch=3, tokens=64, seed=0))
-    assert not torch.equal(a, random_score(torch.tensor(7), batch=3, tokens=64, seed=1))
+    assert torch.equal(a, random_score(torch.tensor(7), torch.empty(3, 64), seed=0))
+    assert not torch.equal(a, random_score(torch.tensor(8), torch.empty(3, 64), seed=0))
+    assert not torch.equal(a, random_score(torch.tensor(7), torch.empty(3, 64), seed=1))
     assert ((a >= 0) & (a < 1)).all() and len(set(a[0].tolist())) == 64
     # over many steps every token is picked about k/N of the time
     counts = torch.zeros(64)
     for step in range(400):
-        counts[top_tokens(random_score(torch.tensor(step), 1, 64, seed=3), 16)[0]] += 1
+        counts[top_tokens(random_score(torch.tensor(step), torch.empty(1, 64), seed=3), 16)[0]] += 1
     assert counts.min() > 0.5 * 100 and counts.max() < 1.5 * 100, counts
 
 

@@ -30,7 +30,7 @@ def test_non_tensor_inputs_are_constants(dit):
     cap = capture(dit, (kw["hidden_states"],), dict(timestep=kw["timestep"], class_labels=kw["class_labels"], return_dict=False))
     assert [leaf.tensor_index for leaf in cap.call.leaves] == [0, 1, 2, None]
     assert cap.call.leaves[3].value is False
-    assert cap.call.leaves[0].name == "args[0]"
+    assert cap.call.leaves[0].name == "hidden_states"  # a positional argument by its parameter's name
     torch.testing.assert_close(cap.gm(*cap.example_inputs)[0], dit(**kw).sample, rtol=0, atol=0)
 
 

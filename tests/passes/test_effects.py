@@ -54,9 +54,10 @@ def test_attention_without_dropout_is_pure_random_ops_are_not():
     assert has_side_effects(next(n for n in gm.graph.nodes if "rand" in str(n.target)))
 
 
-@pytest.mark.parametrize("size", [(8, 8), (16, 16), (8, 12), (12, 8)])
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (12, 12)])
 def test_dit_all_compute_is_the_model_at_native_and_other_resolutions(size):
     model = make_dit()  # native 8×8 latents; other sizes build the position embedding at run time
+    # (diffusers' DiT unpatchifies as a square: non-square inputs are the other families' business)
     g = torch.Generator().manual_seed(0)
     call = dict(hidden_states=torch.randn(2, 4, *size, generator=g), timestep=torch.tensor([900, 900]), class_labels=torch.tensor([1, 7]))
     cached = cc.optimize(model, cc.Schedule.fora(2, 1))

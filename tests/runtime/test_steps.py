@@ -60,7 +60,7 @@ def test_too_few_declared_calls_per_step_under_contexts():
 def test_fewer_steps_than_the_schedule():
     clock = StepClock(4, 1)
     run(clock, [900, 600, 300])  # the pipeline runs 3 steps
-    with pytest.raises(StepMismatchError, match=r"went up from 300 to 900 after 3 of the schedule's 4 steps"):
+    with pytest.raises(StepMismatchError, match=r"went up from 300 to 900 after 3 of the generation's 4 steps"):
         clock.tick(900)
     with pytest.raises(StepMismatchError):  # and keeps failing until the user fixes it ...
         clock.tick(900)
@@ -75,7 +75,7 @@ def test_more_steps_or_calls_than_the_schedule(calls_per_step, timesteps):
     clock = StepClock(len(timesteps) - 1 if calls_per_step == 1 else 2, calls_per_step)
     n = clock.num_steps * calls_per_step
     run(clock, timesteps[:n])
-    with pytest.raises(StepMismatchError, match="runs more steps than the schedule"):
+    with pytest.raises(StepMismatchError, match="runs more steps than the generation has"):
         clock.tick(timesteps[n])
 
 
@@ -90,7 +90,7 @@ def test_constant_timesteps_and_duplicates_are_not_errors():
 def test_begin_generation_checks_the_step_count():
     clock = StepClock(4, 1)
     run(clock, [900, 600])
-    with pytest.raises(StepMismatchError, match=r"runs 5 denoising steps but the schedule has 4.*num_steps=5"):
+    with pytest.raises(StepMismatchError, match=r"runs 5 denoising steps but the schedule has 4.*interval=.*num_inference_steps=4"):
         clock.begin_generation(5)
     clock.begin_generation(4)
     assert clock.tick(900) == (0, 0, False)
@@ -127,3 +127,42 @@ def test_timestep_found_by_position(dit):
     cached(kw["hidden_states"], torch.full((2,), 100), kw["class_labels"])
     with pytest.raises(cc.StepMismatchError, match="went up from 100 to 900"):
         cached(kw["hidden_states"], torch.full((2,), 900), kw["class_labels"])
+
+
+def test_open_ended_generations_end_where_the_next_begins():
+    """A schedule without a step count: the generation runs until the timestep rises again."""
+    clock = StepClock(num_steps=None)
+    positions = [clock.tick(t)[:2] for t in (999.0, 700.0, 400.0, 100.0, 999.0, 500.0)]
+    assert positions == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 0), (1, 0)]
+    cfg_as_two_calls = StepClock(num_steps=None, calls_per_step="auto")
+    assert [cfg_as_two_calls.tick(t)[:2] for t in (999.0, 999.0, 1.0, 1.0, 999.0, 999.0)] == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (0, 0), (0, 1)
+    ]
+
+
+def test_an_announced_length_is_checked_like_a_fixed_one():
+    clock = StepClock(num_steps=None)
+    clock.begin_generation(3)
+    assert [clock.tick(t) for t in (999.0, 500.0, 1.0)] == [(0, 0, False), (1, 0, False), (2, 0, True)]
+    clock.begin_generation(2)
+    clock.tick(999.0)
+    with pytest.raises(StepMismatchError, match="went up from 999 to 1000 after 1 of the generation's 2 steps"):
+        clock.locate(1000.0)
+    fixed = StepClock(num_steps=4)
+    with pytest.raises(StepMismatchError, match="runs 3 denoising steps but the schedule has 4"):
+        fixed.begin_generation(3)
+
+
+def test_an_abandoned_generation_restarting_lower_is_caught_at_its_first_call():
+    """Generation 1 runs its 6 steps; generation 2 is abandoned after 3; generation 3 starts at a
+    lower timestep than step 3 of the trajectory: caught before any cache is read, naming reset()."""
+    trajectory = [999.0, 832.0, 666.0, 499.0, 333.0, 166.0]
+    clock = StepClock(num_steps=6)
+    for t in trajectory:
+        clock.tick(t)
+    for t in trajectory[:3]:
+        clock.tick(t)
+    with pytest.raises(StepMismatchError, match=r"steps 0–2 .*step 3 has 450 instead of 499.*reset\(\)"):
+        clock.locate(450.0)
+    clock.reset()
+    assert clock.tick(450.0)[:2] == (0, 0)

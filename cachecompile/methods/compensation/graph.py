@@ -112,12 +112,15 @@ def _eoc(gm: torch.fx.GraphModule, slot: str, index: int, out: torch.fx.Node, ac
     if index >= len(shapes):
         raise ValueError(f"EOC has no prior for output {index} of region {slot.partition('#')[0]!r} (slot {slot!r})")
     shape = tuple(shapes[index])
-    feature = tuple(val.shape) if val is not None else None
+    feature = tuple(d if isinstance(d, int) else "batch" for d in val.shape) if val is not None else None
     row_shape = shape[1:]
-    if feature is not None and row_shape != feature and row_shape != feature[-1:]:
+    # a full prior was calibrated at one batch size: it fits the features of that batch
+    full = feature is not None and len(row_shape) == len(feature) and row_shape[1:] == feature[1:]
+    if feature is not None and not full and row_shape != feature[-1:]:
+        shown = "[" + ", ".join(map(str, feature)) + "]"
         raise ValueError(
             f"EOC prior for {slot!r} has rows of shape {list(row_shape)}, but the feature has shape "
-            f"{list(feature)}: calibrate the prior on this model (per-channel rows [{feature[-1]}] or full rows {list(feature)})"
+            f"{shown}: calibrate the prior on this model (per-channel rows [{feature[-1]}] or full rows {shown})"
         )
     cached = add_cache_input(gm, slot, out)
     prior = add_step_input(gm, f"eoc_prior:{slot}", _example(val, torch.zeros(shape, dtype=torch.float32)))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+from typing import Any
 
 import torch
 import torch.fx
@@ -41,7 +42,7 @@ from cachecompile.passes import attr_value, counters
 from cachecompile.passes.cache_io import add_cache_input, add_cache_output
 from cachecompile.core.errors import RegionError
 from cachecompile.core.regions import Region, RegionMap
-from cachecompile.methods.dual.scores import insert_function, refresh_vals, score_node, update_staleness
+from cachecompile.methods.dual.scores import insert_function, refresh_vals, same_size, score_node, update_staleness
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,16 @@ def _refuse(region: Region, node: torch.fx.Node, why: str, what: str = "node") -
     )
 
 
-def _token_shaped(val: object, lead: tuple[int, int]) -> bool:
+def _token_shaped(val: object, lead: tuple[Any, int]) -> bool:
     if isinstance(val, (tuple, list)):
         return all(_token_shaped(v, lead) for v in val)
-    return isinstance(val, torch.Tensor) and val.dim() >= 2 and tuple(val.shape[:2]) == lead
+    return (
+        isinstance(val, torch.Tensor) and val.dim() >= 2
+        and same_size(val.shape[0], lead[0]) and same_size(val.shape[1], lead[1])
+    )
 
 
-def check_tokenwise(gm: torch.fx.GraphModule, region: Region) -> tuple[int, int]:
+def check_tokenwise(gm: torch.fx.GraphModule, region: Region) -> tuple[Any, int]:
     """Return ``(batch, tokens)`` if every node of ``region`` acts per token; else raise
     :class:`PartialTokensError` naming the first node that mixes or reshapes tokens."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -109,7 +113,9 @@ def check_tokenwise(gm: torch.fx.GraphModule, region: Region) -> tuple[int, int]
     first = inputs[0].meta.get("val")
     if not isinstance(first, torch.Tensor) or first.dim() < 2:
         raise _refuse(region, inputs[0], "is not a [batch, tokens, ...] tensor", what="input")
-    lead = (int(first.shape[0]), int(first.shape[1]))
+    if not isinstance(first.shape[1], int):
+        raise _refuse(region, inputs[0], "has a symbolic token dimension; partial recompute needs a static token count", what="input")
+    lead = (first.shape[0], int(first.shape[1]))  # the batch may be symbolic
     tokenwise = set()
     for inp in inputs:
         if not _token_shaped(inp.meta.get("val"), lead):
@@ -229,7 +235,7 @@ def partial_tokens(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan)
         if k == 0:
             merged = cached
         else:
-            score = score_node(gm, regions, name, action, batch, tokens, device, before)
+            score = score_node(gm, regions, name, action, batch, tokens, device, before, nodes[region.inputs[0]])
             idx = insert_function(gm, functools.partial(top_tokens, k=k), [score], before)
             env = {nodes[i]: insert_function(gm, gather_tokens, [nodes[i], idx], before) for i in region.inputs}
             env = _copy_region(gm, region, env, before)

@@ -275,6 +275,9 @@ def _dual_check(s: Schedule) -> dict[str, Any]:
     params = check_params(s, interval=..., fresh_ratio=..., score="v_norm", seed=0, **extra)
     params["interval"] = check_int("interval", params["interval"])
     params["fresh_ratio"] = _freeze_ratio(params["fresh_ratio"])
+    table = isinstance(params["fresh_ratio"], list) and params["fresh_ratio"] and isinstance(params["fresh_ratio"][0], list)
+    if table and s.num_steps is None:
+        raise ScheduleError("a [step][block] fresh_ratio table fixes the number of steps: give num_steps")
     params["score"] = dict(parse_score(params["score"]))
     params["seed"] = check_int("seed", params["seed"], minimum=0)
     if s.method == "duca" and params["aggressive_reuse"] not in AGGRESSIVE_MODES:

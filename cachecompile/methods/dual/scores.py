@@ -53,6 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from cachecompile.core.schedule import StepPlan
 from cachecompile.passes import attr_value, counters
@@ -126,10 +127,11 @@ def attention_score(state: torch.Tensor) -> torch.Tensor:
     return _l2_normalize(state)
 
 
-def random_score(step: torch.Tensor, batch: int, tokens: int, seed: int) -> torch.Tensor:
-    """Pseudo-random ``[batch, tokens]`` in [0, 1) from (seed, step, token); the same row for
-    every sample. Integer-only (int64 multiply / add / remainder, all below 2⁶²), so every
-    backend computes the same bits."""
+def random_score(step: torch.Tensor, like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Pseudo-random ``[batch, tokens]`` in [0, 1) from (seed, step, token), shaped like the
+    first two dimensions of ``like``; the same row for every sample. Integer-only (int64
+    multiply / add / remainder, all below 2⁶²), so every backend computes the same bits."""
+    batch, tokens = like.shape[0], like.shape[1]
     tok = torch.arange(tokens, dtype=torch.int64, device=step.device)
     key = (step.to(torch.int64) * 7919 + (seed * 1000003 + 12345) % _P) % _P
     h = ((tok + 1) * 48271 + key) % _P
@@ -145,9 +147,10 @@ def staleness_score(stamp: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return step.to(stamp.dtype) - stamp
 
 
-def stamp_all(step: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
-    """The staleness slot after a full compute: every token stamped with this step."""
-    return torch.zeros(batch, tokens, dtype=torch.float32, device=step.device) + step.to(torch.float32)
+def stamp_all(step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The staleness slot after a full compute: every token (the first two dimensions of
+    ``like``, a ``[batch, tokens, ...]`` value) stamped with this step."""
+    return torch.zeros(like.shape[:2], dtype=torch.float32, device=step.device) + step.to(torch.float32)
 
 
 def restamp(stamp: torch.Tensor, idx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -204,9 +207,11 @@ def refresh_vals(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> No
 
 def _example(node: torch.fx.Node) -> torch.Tensor:
     # Same strides as the graph value: make_fx turns reshapes of contiguous examples into views,
-    # which would fail on the transposed q / k that attention gets.
+    # which would fail on the transposed q / k that attention gets. A symbolic size (the batch)
+    # takes its example value; the symbolic trace keeps it a size.
     v = node.meta["val"]
-    return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device).zero_()
+    hint = lambda dims: tuple(optimization_hint(d) for d in dims)  # noqa: E731
+    return torch.empty_strided(hint(v.shape), hint(v.stride()), dtype=v.dtype, device=v.device).zero_()
 
 
 def insert_function(
@@ -215,9 +220,10 @@ def insert_function(
     """Trace the eager function ``fn(*tensors)`` to ATen ops (``make_fx``, fake tensors) and
     insert its nodes before ``before``, fed by the graph nodes ``args``. Returns the node (or
     tuple of nodes) standing for ``fn``'s result. Bind non-tensor arguments with
-    ``functools.partial``; they become constants of the graph (static per step plan)."""
+    ``functools.partial``; they become constants of the graph (static per step plan). Sizes are
+    traced symbolically: a shape ``fn`` takes from its inputs (the batch) stays the input's."""
     with torch.no_grad():
-        sub = make_fx(fn, tracing_mode="fake")(*[_example(a) for a in args])
+        sub = make_fx(fn, tracing_mode="symbolic")(*[_example(a) for a in args])
     env: dict[torch.fx.Node, Any] = {}
     phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
     env.update(zip(phs, args))
@@ -306,9 +312,8 @@ def record_token_state(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepP
             elif state == "staleness":
                 nodes = {x.name: x for x in gm.graph.nodes}
                 out = nodes[region.outputs[0]]
-                b, t = out.meta["val"].shape[:2]
                 step = _step_node(gm, out.meta["val"].device)
-                node = insert_function(gm, functools.partial(stamp_all, batch=b, tokens=t), [step], out.next)
+                node = insert_function(gm, stamp_all, [step, out], out.next)
             else:
                 continue  # e.g. the stack's "residual": cachecompile.methods.dual.stack
             slot = state_slot(name, state)
@@ -320,9 +325,15 @@ def record_token_state(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepP
     return gm
 
 
-def _check_state_shape(shape: tuple, slot: str, batch: int, tokens: int) -> None:
-    shape = tuple(int(d) for d in shape)
-    if shape != (batch, tokens):
+def same_size(a: Any, b: Any) -> bool:
+    """Two sizes are the same: equal integers, or the same symbol (the dynamic batch)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
+def _check_state_shape(shape: tuple, slot: str, batch: Any, tokens: int) -> None:
+    if len(shape) != 2 or not (same_size(shape[0], batch) and same_size(shape[1], tokens)):
         raise TokenScoreError(
             f"{slot} has shape {shape} but the partial region has {batch} samples × {tokens} tokens "
             f"(the attention attends over other tokens than the MLP sees, e.g. joint text+image "
@@ -335,13 +346,15 @@ def score_node(
     regions: RegionMap,
     region_name: str,
     action: Any,
-    batch: int,
+    batch: Any,
     tokens: int,
     device: torch.device,
     before: torch.fx.Node,
+    like: torch.fx.Node,
 ) -> torch.fx.Node:
     """The ``[batch, tokens]`` score of ``action`` (a partial action) for region ``region_name``,
-    inserted before ``before``; reads the recorded state it needs from the cache."""
+    inserted before ``before``; reads the recorded state it needs from the cache. ``like`` is a
+    ``[batch, tokens, ...]`` value of the region (a score made from scratch takes its shape)."""
     block = ".".join(region_name.split(".")[:2])
     terms: list[torch.fx.Node] = []
     weights: list[float] = []
@@ -362,8 +375,8 @@ def score_node(
             term = insert_function(gm, fn, [state], before)
         elif name == "random":
             step = _step_node(gm, device)
-            fn = functools.partial(random_score, batch=batch, tokens=tokens, seed=action.seed)
-            term = insert_function(gm, fn, [step], before)
+            fn = functools.partial(random_score, seed=action.seed)
+            term = insert_function(gm, fn, [step, like], before)
         elif name == "staleness":
             stamp = _state_node(gm, state_slot(region_name, "staleness"), batch, tokens, device)
             term = insert_function(gm, staleness_score, [stamp, _step_node(gm, device)], before)
