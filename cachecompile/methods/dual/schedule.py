@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -56,7 +57,9 @@ from cachecompile.core.schedule import (
     ScheduleError,
     StepPlan,
     check_int,
+    json_fields,
     register_action,
+    state_tokens,
     register_method,
     register_rule_transform,
 )
@@ -142,12 +145,25 @@ def step_values(plans: list[StepPlan], names: list[str], device: torch.device) -
     return {STEP_INPUT: [torch.tensor(step, dtype=torch.int64, device=device) for step in range(len(plans))]}
 
 
-register_action(
-    "partial",
-    lambda o: Partial(ratio=o["ratio"], score=parse_score(o.get("score", "v_norm")), seed=o.get("seed", 0)),
-)
-register_action("record", lambda o: Record(state=tuple(o.get("state", ()))))
-register_action("residual", lambda _: ReuseResidual())
+def _partial_from_json(obj: Any) -> Partial:
+    o = json_fields(obj, "a partial action", required=("ratio",), optional=("score", "seed"))
+    return Partial(ratio=o["ratio"], score=parse_score(o.get("score", "v_norm")), seed=o.get("seed", 0))
+
+
+def _record_from_json(obj: Any) -> Record:
+    o = json_fields(obj, "a record action", optional=("state",))
+    return Record(state=state_tokens(o.get("state", ()), "a record action's state"))
+
+
+def _residual_from_json(obj: Any) -> ReuseResidual:
+    if not isinstance(obj, str):
+        json_fields(obj, "a residual action")
+    return ReuseResidual()
+
+
+register_action("partial", _partial_from_json)
+register_action("record", _record_from_json)
+register_action("residual", _residual_from_json)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -155,7 +171,7 @@ register_action("residual", lambda _: ReuseResidual())
 
 def check_ratio(value: Any, where: str = "fresh_ratio") -> float:
     """A fresh ratio as a float in [0, 1], or a :class:`ScheduleError` naming the fix."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ScheduleError(f"{where} must be a number in [0, 1], got {value!r}")
     if not 0.0 <= value <= 1.0:
         raise ScheduleError(
@@ -201,13 +217,15 @@ def parse_score(spec: Any) -> Score:
             pairs.append((m.group(3), sign * weight))
     elif isinstance(spec, Mapping):
         pairs = list(spec.items())
-    else:
+    elif isinstance(spec, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in spec):
         pairs = [tuple(p) for p in spec]
+    else:
+        raise ScheduleError(f"a score is a name, a weighted sum like 'v_norm+0.25*staleness' or a mapping name → weight, got {spec!r:.80}")
     out: dict[str, float] = {}
     for name, weight in pairs:
         if name not in SCORE_NAMES:
             raise ScheduleError(f"unknown token score {name!r}; known scores: {', '.join(SCORE_NAMES)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ScheduleError(f"the weight of score {name!r} must be a finite number, got {weight!r}")
         out[name] = out.get(name, 0.0) + float(weight)
     out = {k: v for k, v in out.items() if v != 0.0}
@@ -218,7 +236,7 @@ def parse_score(spec: Any) -> Score:
 
 def _freeze_ratio(fresh_ratio: Any) -> float | list:
     """Validate a ratio, a per-block list or a per-step × per-block table (JSON-able lists)."""
-    if isinstance(fresh_ratio, (int, float)) and not isinstance(fresh_ratio, bool):
+    if isinstance(fresh_ratio, numbers.Real) and not isinstance(fresh_ratio, bool):
         return check_ratio(fresh_ratio)
     if hasattr(fresh_ratio, "tolist"):
         fresh_ratio = fresh_ratio.tolist()
