@@ -1,0 +1,278 @@
+"""Differential fuzzing: random tiny models of every family × random schedules × random batch
+sizes and step counts → cachecompile's cached runtime (eager backend) equals the independent
+reference interpreter (:mod:`tests.fuzz.reference`) over two generations.
+
+* Schedules: FORA, ToCa, DuCa (both aggressive modes), masks and explicit schedules (compute,
+  reuse, partial with every score the family supports, block and stack reuse, residual stack
+  reuse), with GOC (both queues, skip steps, windows), Taylor (1, 2) or EOC (priors, judged
+  steps) attached at random; fresh ratios as numbers, per-block lists and step × block tables.
+* A schedule the reference cannot run (a read before any compute, a score without recorded
+  state, a compensation with nothing to correct) must be refused by cachecompile with a
+  ScheduleError at its first call.
+* Tolerance: max |cached − reference| ≤ 1e-5 · max(1, max |reference|) (float32); a schedule
+  that computes everything must give the model's output bit for bit.
+* Top-k over scores that are not exactly tied but whose k-th and (k+1)-th values are closer than
+  1e-5 of their scale is ambiguous under float rounding: such examples are counted
+  (``hypothesis.event``) and not compared.
+
+Cost: the capture of a (model, input shapes) pair is deterministic and takes most of an
+example's time, so it is done once per pair and reused (the rewrite, lowering and runtime run
+per example). ``CACHECOMPILE_FUZZ_EXAMPLES`` sets the examples per family (default 4, about
+40 s in all on a 2-core machine); a long run: ``CACHECOMPILE_FUZZ_EXAMPLES=60``.
+"""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+
+import cachecompile as cc
+from cachecompile.compile import driver
+from cachecompile.core.schedule import ScheduleError
+from cachecompile.methods.dual import Partial, parse_score
+from cachecompile.passes.capture import capture
+from cachecompile.passes.regions import find_regions
+from tests.families._common import sample
+from tests.fuzz import families
+from tests.fuzz.reference import Reference, Refused, compensable, step_actions
+
+EXAMPLES = int(os.environ.get("CACHECOMPILE_FUZZ_EXAMPLES", "3"))
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 10, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+# --------------------------------------------------------------------------- shared, built once
+
+_CAPTURES: dict = {}
+_REFERENCES: dict = {}
+_real_capture = capture
+
+
+def _key(model, args, kwargs):
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return (id(model), tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in leaves))
+
+
+def cached_capture(model, args=(), kwargs=None, **options):
+    """The capture of a (model, call shapes) pair, exported once: every example rewrites and
+    runs its own step graphs from it (the rewrite copies the captured graph)."""
+    key = _key(model, args, kwargs)
+    if key not in _CAPTURES:
+        _CAPTURES[key] = _real_capture(model, args, kwargs, **options)
+    return _CAPTURES[key]
+
+
+def reference(name: str) -> Reference:
+    if name not in _REFERENCES:
+        _REFERENCES[name] = Reference(families.model(name), families.FAMILIES[name])
+    return _REFERENCES[name]
+
+
+def slots(name: str, batch: int) -> dict[str, list[str]]:
+    """Cache slot names of every region (multi-output regions have ``#i`` slots): the names EOC
+    priors are keyed by."""
+    fam, model = families.FAMILIES[name], families.model(name)
+    x = torch.zeros(fam.latent(batch))
+    fixed = fam.inputs(batch, torch.Generator().manual_seed(0))
+    cap = cached_capture(model, (), {**fam.call(x, 0.5, fixed), "return_dict": False})
+    rm = find_regions(cap.gm, None, cap.call.model_class)
+    return {r: rm[r].slots for r in rm.regions}
+
+
+def channels(name: str, batch: int) -> dict[str, int]:
+    """The last dimension of each region's output, from one uncached call with forward hooks."""
+    fam, model = families.FAMILIES[name], families.model(name)
+    found: dict[str, int] = {}
+    hooks = []
+    for i, path in enumerate(fam.blocks):
+        block = model.get_submodule(path)
+        mods = [(f"blocks.{i}", block)] + [(f"blocks.{i}.{k}", block.get_submodule(s)) for k, s in fam.branches[i]]
+        for region, m in mods:
+            def hook(_m, _i, out, region=region):
+                t = out if isinstance(out, torch.Tensor) else next(o for o in out if isinstance(o, torch.Tensor))
+                found[region] = int(t.shape[-1])
+                if region == f"blocks.{fam.num_blocks - 1}":
+                    found["stack"] = int((out[1] if fam.tuple_blocks else out).shape[-1])
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            x = torch.zeros(fam.latent(batch))
+            model(**fam.call(x, 0.5, fam.inputs(batch, torch.Generator().manual_seed(0))), return_dict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+# --------------------------------------------------------------------------- strategies
+
+RATIOS = st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.5, 0.75, 1.0]) | st.floats(0.0, 1.0, allow_nan=False)
+
+
+@st.composite
+def scores(draw, fam):
+    names = draw(st.lists(st.sampled_from(fam.scores), min_size=1, max_size=3, unique=True))
+    return {n: draw(st.sampled_from([1.0, 0.5, 0.25, 2.0, -1.0])) for n in names}
+
+
+@st.composite
+def fresh_ratios(draw, fam, steps):
+    form = draw(st.sampled_from(["number", "blocks", "table"]))
+    if form == "number":
+        return draw(RATIOS)
+    if form == "blocks":
+        return [draw(RATIOS) for _ in range(fam.num_blocks)]
+    return [[draw(RATIOS) for _ in range(fam.num_blocks)] for _ in range(steps)]
+
+
+@st.composite
+def masks(draw, fam, steps):
+    kinds = fam.all_kinds()
+    rows = []
+    for s in range(steps):
+        full = s == 0 and draw(st.integers(0, 9)) > 0  # mostly a valid start
+        rows.append([[1 if full or k not in fam.kinds(b) else draw(st.sampled_from([0, 1])) for k in kinds] for b in range(fam.num_blocks)])
+    return cc.Schedule.from_mask(rows, branches=kinds)
+
+
+@st.composite
+def explicit_step(draw, fam):
+    acts = {}
+    for region in draw(st.lists(st.sampled_from(fam.branch_regions() + [f"blocks.{i}" for i in range(fam.num_blocks)] + ["stack"]), max_size=4, unique=True)):
+        kind = region.split(".")[-1]
+        choices = ["reuse", "compute"]
+        if region == "stack":
+            choices.append("residual")
+        if region.count(".") == 2 and kind in fam.partial_kinds:
+            choices.append("partial")
+        a = draw(st.sampled_from(choices))
+        if a == "partial":
+            acts[region] = Partial(ratio=draw(RATIOS), score=parse_score(draw(scores(fam))), seed=draw(st.integers(0, 3)))
+        elif a == "residual":
+            acts[region] = {"kind": "residual"}
+        else:
+            acts[region] = a
+    return acts
+
+
+@st.composite
+def base_schedules(draw, fam, steps):
+    method = draw(st.sampled_from(["fora", "toca", "duca", "mask", "explicit"]))
+    if method == "fora":
+        return cc.Schedule.fora(steps, draw(st.integers(1, 4)))
+    if method in ("toca", "duca"):
+        kw = dict(score=parse_score(draw(scores(fam))), seed=draw(st.integers(0, 3)))
+        if method == "duca":
+            kw["aggressive_reuse"] = draw(st.sampled_from(["output", "residual"]))
+        make = cc.Schedule.toca if method == "toca" else cc.Schedule.duca
+        return make(steps, draw(st.integers(1, 4)), draw(fresh_ratios(fam, steps)), **kw)
+    if method == "mask":
+        return draw(masks(fam, steps))
+    first = {} if draw(st.integers(0, 9)) > 0 else draw(explicit_step(fam))
+    return cc.Schedule.explicit([first] + [draw(explicit_step(fam)) for _ in range(steps - 1)])
+
+
+@st.composite
+def compensations(draw, fam, base, batch):
+    kind = draw(st.sampled_from([None, None, "goc", "taylor", "eoc"]))
+    steps = base.num_steps
+    step_lists = st.lists(st.integers(0, steps - 1), max_size=3)
+    if kind == "goc":
+        regions = compensable(step_actions(base, fam)) or ["blocks.0.attn"]
+        skip = draw(step_lists) if draw(st.booleans()) else {r: draw(step_lists) for r in draw(st.lists(st.sampled_from(regions), min_size=1, max_size=2, unique=True))}
+        window = None if draw(st.booleans()) else draw(step_lists)
+        return cc.GOC(draw(st.sampled_from([0.5, 0.8, 1.0, 1.2, -0.5])), skip_steps=skip, queue=draw(st.sampled_from(["used", "computed"])), steps=window)
+    if kind == "taylor":
+        return cc.Taylor(order=draw(st.sampled_from([1, 2])))
+    if kind == "eoc":
+        regions = compensable(step_actions(base, fam))
+        if not regions:
+            return None
+        names, dims = slots(fam.name, batch), channels(fam.name, batch)
+        chosen = draw(st.lists(st.sampled_from(regions), min_size=1, max_size=3, unique=True))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
+        # one table per region, shared by its slots: the reference does not know which output each slot is
+        tables = {r: torch.randn(steps, dims[r], generator=g) for r in chosen}
+        prior = {slot: tables[r] for r in chosen for slot in names[r]}
+        judged = None if draw(st.booleans()) else {r: draw(step_lists) for r in chosen}
+        return cc.EOC(theta=draw(st.sampled_from([0.01, 0.1, 0.5])), prior=prior, judged=judged)
+    return None
+
+
+@st.composite
+def cases(draw, name):
+    fam = families.FAMILIES[name]
+    steps = draw(st.integers(2, 6))
+    batch = draw(st.integers(1, 2))
+    base = draw(base_schedules(fam, steps))
+    comp = draw(compensations(fam, base, batch))
+    schedule = base if comp is None else base.with_compensation(comp)
+    return schedule, batch, draw(st.integers(0, 2**16))
+
+
+# --------------------------------------------------------------------------- the property
+
+
+def _run(model, fam, batch, seed, steps):
+    g = torch.Generator().manual_seed(seed)
+    fixed = fam.inputs(batch, g)
+    x0 = torch.randn(fam.latent(batch), generator=g)
+    return sample(model, x0, lambda x, t: fam.call(x, t, fixed), steps)
+
+
+def check_case(name: str, schedule: cc.Schedule, batch: int, seed: int) -> None:
+    fam, model = families.FAMILIES[name], families.model(name)
+    note(f"{name} batch={batch} seed={seed}\n{schedule.dumps()}")
+    ref = reference(name)
+    cached = cc.optimize(model, schedule)
+    try:
+        expected, ambiguous = [], False
+        for g in range(2):  # each generation from a fresh start, on its own noise
+            ref.start(schedule)
+            expected.append(_run(ref, fam, batch, seed + g, schedule.num_steps))
+            ambiguous |= ref.ambiguous
+        cached_anything = ref.cached_anything
+    except Refused as why:
+        event("refused")
+        with pytest.raises(ScheduleError):
+            _run(cached, fam, batch, seed, schedule.num_steps)
+        note(f"reference refused: {why}")
+        return
+    finally:
+        ref.actions = None
+    if ambiguous:
+        event("ambiguous top-k: not compared")
+        return
+    event(f"{schedule.method}{'+' + schedule.compensation.kind if schedule.compensation else ''}")
+    uncached = _run(model, fam, batch, seed, schedule.num_steps)
+    for g in range(2):
+        got = _run(cached, fam, batch, seed + g, schedule.num_steps)
+        tol = 1e-5 * max(1.0, expected[g].abs().max().item())
+        diff = (got - expected[g]).abs().max().item()
+        assert diff <= tol, f"generation {g}: cached vs reference max |diff| {diff:.3g} > {tol:.3g}"
+    if all(not acts for acts in step_actions(schedule, fam)):
+        assert torch.equal(_run(cached, fam, batch, seed, schedule.num_steps), uncached), "all-compute must be bit for bit"
+    elif cached_anything:
+        assert not torch.equal(expected[0], uncached), "the reference cached something but changed nothing"
+
+
+@pytest.fixture(autouse=True)
+def _one_capture_per_shape():
+    with mock.patch.object(driver, "capture", cached_capture):
+        yield
+
+
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
+def test_cached_runtime_equals_the_reference_interpreter(name):
+    @FUZZ
+    @given(case=cases(name))
+    def run(case):
+        check_case(name, *case)
+
+    run()
