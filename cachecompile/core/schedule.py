@@ -248,12 +248,15 @@ class Method:
     schedule built, by a preset or read from a file, and raises :class:`ScheduleError`.
     ``label(schedule, step)``: the kind of a step (``full``, ``cached``, ``conservative`` ...);
     by default ``full`` when the step's rules compute everything, else ``cached``.
+    ``num_blocks(schedule)``: the number of blocks the schedule's data is written for (a mask's
+    width, a per-block fresh ratio), or None when it fits any model; printing uses it.
     """
 
     name: str
     rules: StepRule
     check: Callable[["Schedule"], Mapping[str, Any]] | None = None
     label: Callable[["Schedule", int], str] | None = None
+    num_blocks: Callable[["Schedule"], int | None] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -310,7 +313,7 @@ class Schedule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_steps", check_int("num_steps", self.num_steps))
-        if self.method not in _METHODS:
+        if not isinstance(self.method, str) or self.method not in _METHODS:
             raise ScheduleError(f"unknown schedule method {self.method!r}; known: {sorted(_METHODS)}")
         if not isinstance(self.params, Mapping):
             raise ScheduleError(f"schedule params must be a mapping of names to values, got {type(self.params).__name__}")
@@ -702,7 +705,8 @@ def format_table(s: Schedule, layout: Layout | None = None) -> str:
     computed, ``·`` when reused, ``p`` when partially recomputed, ``~`` when forecast,
     ``S`` when the whole stack is reused."""
     if layout is None:
-        nb = len(s.mask[0]) if s.mask is not None else None
+        blocks = _METHODS[s.method].num_blocks
+        nb = len(s.mask[0]) if s.mask is not None else blocks(s) if blocks is not None else None
         layout = Layout(branches=(("attn", "mlp"),) * nb) if nb else None
     kinds = s.step_kinds()
     lines = [repr(s)]

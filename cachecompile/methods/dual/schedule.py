@@ -293,6 +293,12 @@ def _dual_check(s: Schedule) -> dict[str, Any]:
     params = check_params(s, interval=..., fresh_ratio=..., score="v_norm", seed=0, **extra)
     params["interval"] = check_int("interval", params["interval"])
     params["fresh_ratio"] = _freeze_ratio(params["fresh_ratio"])
+    table = params["fresh_ratio"]
+    if isinstance(table, list) and isinstance(table[0], list) and len(table) != s.num_steps:
+        raise ScheduleError(
+            f"the fresh_ratio table has {len(table)} rows but the schedule has {s.num_steps} steps; "
+            f"give one row of per-block ratios per step"
+        )
     params["score"] = dict(parse_score(params["score"]))
     params["seed"] = check_int("seed", params["seed"], minimum=0)
     if s.method == "duca" and params["aggressive_reuse"] not in AGGRESSIVE_MODES:
@@ -350,8 +356,16 @@ def _duca_label(s: Schedule, step: int) -> str:
     return "full" if r == 0 else ("conservative" if r % 2 == 1 else "aggressive")
 
 
-register_method(Method("toca", _toca_rule, _dual_check, _toca_label))
-register_method(Method("duca", _duca_rule, _dual_check, _duca_label))
+def _ratio_blocks(s: Schedule) -> int | None:
+    """The number of blocks a per-block ratio (list or [step][block] table) is written for."""
+    r = s.params["fresh_ratio"]
+    if isinstance(r, (int, float)):
+        return None
+    return len(r[0]) if isinstance(r[0], (list, tuple)) else len(r)
+
+
+register_method(Method("toca", _toca_rule, _dual_check, _toca_label, _ratio_blocks))
+register_method(Method("duca", _duca_rule, _dual_check, _duca_label, _ratio_blocks))
 
 
 # --------------------------------------------------------------------------- state
