@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
@@ -103,14 +104,27 @@ class Partial(Action):
     ratio: float = 0.0
     score: Score = (("v_norm", 1.0),)
     seed: int = 0
+    # Re-stamp the recomputed tokens' staleness although this step's score does not use it:
+    # set by :func:`attach_state` when another step scores the region by staleness.
+    restamp: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
         object.__setattr__(self, "score", parse_score(self.score))
         object.__setattr__(self, "seed", check_int("seed", self.seed, minimum=0))
+        if not isinstance(self.restamp, bool):
+            raise ScheduleError(f"a partial action's restamp is true or false, got {self.restamp!r}")
+
+    @property
+    def stamps(self) -> bool:
+        """Whether this step writes the staleness stamps of the tokens it recomputes."""
+        return self.restamp or any(name == "staleness" for name, _ in self.score)
 
     def to_json(self) -> Any:
-        return {"kind": "partial", "ratio": self.ratio, "score": dict(self.score), "seed": self.seed}
+        out = {"kind": "partial", "ratio": self.ratio, "score": dict(self.score), "seed": self.seed}
+        if self.restamp:
+            out["restamp"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -146,8 +160,8 @@ def step_values(plans: list[StepPlan], names: list[str], device: torch.device) -
 
 
 def _partial_from_json(obj: Any) -> Partial:
-    o = json_fields(obj, "a partial action", required=("ratio",), optional=("score", "seed"))
-    return Partial(ratio=o["ratio"], score=parse_score(o.get("score", "v_norm")), seed=o.get("seed", 0))
+    o = json_fields(obj, "a partial action", required=("ratio",), optional=("score", "seed", "restamp"))
+    return Partial(ratio=o["ratio"], score=parse_score(o.get("score", "v_norm")), seed=o.get("seed", 0), restamp=o.get("restamp", False))
 
 
 def _record_from_json(obj: Any) -> Record:
@@ -426,6 +440,10 @@ def attach_state(rules: list[dict[str, Action]], schedule: Schedule, layout: Lay
     out = []
     for step, acts in enumerate(rules):
         acts = dict(acts)
+        for region, a in list(acts.items()):
+            # staleness counts steps since a token was last recomputed, by any partial step
+            if a.kind == "partial" and "staleness" in needs.get(region, ()) and not a.stamps:
+                acts[region] = dataclasses.replace(a, restamp=True)
         for region, states in sorted(needs.items()):
             if _runs_fully(region, acts):
                 prior = getattr(acts.get(region), "state", ())
