@@ -288,6 +288,12 @@ FOUND = [
     # them as fresh (they were not re-stamped unless the step's own score used staleness)
     ("dit", cc.Schedule.explicit([{}, {"blocks.0.mlp": Partial(ratio=0.5, score=parse_score("random"))},
                                   {"blocks.0.mlp": Partial(ratio=0.5, score=parse_score("staleness"))}]), 1, 0),
+    # plain reuse of the stack read its residual (output − input) when another step reused it
+    # with "residual": the stack slot held the residual (long run, 60 examples per family)
+    ("wan", cc.Schedule.explicit([{}, {"blocks.0.attn": "compute", "stack": "reuse"},
+                                  {"blocks.0.attn": "reuse", "stack": {"kind": "residual"}}, {},
+                                  {"blocks.0.attn": "reuse", "stack": "compute"}, {"blocks.0.attn": "compute"}]), 1, 1324),
+    ("dit", cc.Schedule.explicit([{}, {"stack": {"kind": "residual"}}, {"stack": "reuse"}]), 2, 5),
     ("wan", cc.Schedule.explicit([{}, {"blocks.1.mlp": Partial(ratio=0.25, score=parse_score("v_norm"))},
                                   {"blocks.1.mlp": Partial(ratio=0.5, score=parse_score("0.5*staleness+random"))}]), 2, 3),
 ]

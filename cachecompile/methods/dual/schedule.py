@@ -131,7 +131,7 @@ class Partial(Action):
 class Record(Action):
     """Compute the region (kind ``compute``) and also keep ``state`` for later steps:
     ``v_norm`` / ``attention`` (attention regions), ``staleness`` (partial regions),
-    ``residual`` (the stack: its slot then holds output − input)."""
+    ``residual`` (the stack: output − input, in the slot ``stack@residual``)."""
 
     kind: str = "compute"
     state: tuple[str, ...] = ()
