@@ -649,7 +649,7 @@ def _drop_shadowed(acts: dict[str, Action]) -> dict[str, Action]:
         for o in outer:
             inside = o == "stack" and region.startswith("blocks.") or region.startswith(o + ".")
             if region != o and inside:
-                del out[region]
+                out.pop(region, None)  # inside both a reused block and the reused stack
     return out
 
 

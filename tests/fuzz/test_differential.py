@@ -21,7 +21,9 @@ per example). ``CACHECOMPILE_FUZZ_EXAMPLES`` sets the examples per family (defau
 fixed seed: the same 15 examples in every CI run); more than 10 draws fresh random examples.
 A long run, one thread, in the background::
 
-    OMP_NUM_THREADS=1 CACHECOMPILE_FUZZ_EXAMPLES=60 python -m pytest -q tests/fuzz
+    OMP_NUM_THREADS=1 CACHECOMPILE_FUZZ_EXAMPLES=60 CACHECOMPILE_FUZZ_LOG=fuzz.log python -m pytest -q tests/fuzz
+
+(``CACHECOMPILE_FUZZ_LOG``: one line per example, to count them and see the mix.)
 
 Not covered: other backends than eager (they are checked against eager elsewhere), calls per
 step other than 1, dtypes other than float32, the ``attention`` score on families where the
@@ -240,9 +242,19 @@ def _run(model, fam, batch, seed, steps):
     return sample(model, x0, lambda x, t: fam.call(x, t, fixed), steps)
 
 
+def _log(line: str) -> None:
+    """One line per example to ``$CACHECOMPILE_FUZZ_LOG`` when set (a long run's count and mix)."""
+    path = os.environ.get("CACHECOMPILE_FUZZ_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
 def check_case(name: str, schedule: cc.Schedule, batch: int, seed: int) -> None:
     fam, model = families.FAMILIES[name], families.model(name)
     note(f"{name} batch={batch} seed={seed}\n{schedule.dumps()}")
+    comp = schedule.compensation.kind if schedule.compensation else "-"
+    _log(f"{name} {schedule.method} {comp} steps={schedule.num_steps} batch={batch}")
     ref = reference(name)
     cached = cc.optimize(model, schedule)
     try:
@@ -254,6 +266,7 @@ def check_case(name: str, schedule: cc.Schedule, batch: int, seed: int) -> None:
         cached_anything = ref.cached_anything
     except Refused as why:
         event("refused")
+        _log("  refused")
         with pytest.raises(ScheduleError):
             _run(cached, fam, batch, seed, schedule.num_steps)
         note(f"reference refused: {why}")
@@ -262,6 +275,7 @@ def check_case(name: str, schedule: cc.Schedule, batch: int, seed: int) -> None:
         ref.actions = None
     if ambiguous:
         event("ambiguous top-k: not compared")
+        _log("  ambiguous")
         return
     event(f"{schedule.method}{'+' + schedule.compensation.kind if schedule.compensation else ''}")
     uncached = _run(model, fam, batch, seed, schedule.num_steps)
