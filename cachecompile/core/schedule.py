@@ -43,6 +43,8 @@ __all__ = [
     "register_action",
     "register_compensation",
     "register_rule_transform",
+    "json_fields",
+    "state_tokens",
 ]
 
 FORMAT = "cachecompile.core.schedule/1"
@@ -83,10 +85,19 @@ class Reuse(Action):
 COMPUTE = Compute()
 REUSE = Reuse()
 
-_ACTION_PARSERS: dict[str, Callable[[Any], Action]] = {
-    "compute": lambda _: COMPUTE,
-    "reuse": lambda _: REUSE,
-}
+
+def _plain(action: Action) -> Callable[[Any], Action]:
+    """The parser of an action without parameters: ``"reuse"`` or ``{"kind": "reuse"}``."""
+
+    def parse(obj: Any) -> Action:
+        if not isinstance(obj, str):
+            json_fields(obj, f"a {action.kind} action")
+        return action
+
+    return parse
+
+
+_ACTION_PARSERS: dict[str, Callable[[Any], Action]] = {"compute": _plain(COMPUTE), "reuse": _plain(REUSE)}
 
 
 def register_action(kind: str, parser: Callable[[Any], Action]) -> None:
@@ -94,11 +105,48 @@ def register_action(kind: str, parser: Callable[[Any], Action]) -> None:
     _ACTION_PARSERS[kind] = parser
 
 
+def json_fields(obj: Any, what: str, required: Sequence[str] = (), optional: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object ``obj`` of a schedule file (an action, a compensation) as a dict with every
+    ``required`` key and no key outside ``required``, ``optional`` and ``kind``; a
+    :class:`ScheduleError` names a misspelled, stray or missing key, so nothing is silently dropped.
+
+    >>> json_fields({"kind": "goc", "weight": 1.0}, "GOC", optional=("weight", "queue"))
+    {'kind': 'goc', 'weight': 1.0}
+    """
+    if not isinstance(obj, Mapping):
+        raise ScheduleError(f"{what} must be a JSON object, got {obj!r:.80}")
+    allowed = {"kind", *required, *optional}
+    stray = sorted(str(k) for k in obj if k not in allowed)
+    if stray:
+        raise ScheduleError(f"{what} has unknown key(s) {stray}; its keys are {sorted(allowed)} (misspelled?)")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ScheduleError(f"{what} lacks {missing}; its keys are {sorted(allowed)}")
+    return dict(obj)
+
+
+def state_tokens(value: Any, what: str) -> tuple[str, ...]:
+    """The ``state`` of an action read from a file: a list of names (``["v_norm", "history1"]``)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ScheduleError(f"{what} must be a list of names like ['v_norm'], got {value!r:.80}")
+    return tuple(value)
+
+
+def _parse(parser: Callable[[Any], Any], obj: Any, what: str) -> Any:
+    """Run a registered parser; a wrong type or value in the object becomes a :class:`ScheduleError`."""
+    try:
+        return parser(obj)
+    except ScheduleError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise ScheduleError(f"cannot read {what} {obj!r:.120} ({type(e).__name__}: {e})") from None
+
+
 def action_from_json(obj: Any) -> Action:
     kind = obj if isinstance(obj, str) else obj.get("kind") if isinstance(obj, Mapping) else None
-    if kind not in _ACTION_PARSERS:
-        raise ScheduleError(f"unknown action {obj!r}; known kinds: {sorted(_ACTION_PARSERS)}")
-    return _ACTION_PARSERS[kind](obj)
+    if not isinstance(kind, str) or kind not in _ACTION_PARSERS:
+        raise ScheduleError(f"unknown action {obj!r:.80}; known kinds: {sorted(_ACTION_PARSERS)}")
+    return _parse(_ACTION_PARSERS[kind], obj, "action")
 
 
 # Compensations (GOC, EOC, Taylor ...) are frozen dataclasses with ``kind``, ``to_json()`` and
@@ -113,9 +161,9 @@ def register_compensation(kind: str, parser: Callable[[Any], Any]) -> None:
 
 def compensation_from_json(obj: Any) -> Any:
     kind = obj.get("kind") if isinstance(obj, Mapping) else None
-    if kind not in _COMPENSATIONS:
-        raise ScheduleError(f"unknown compensation {obj!r}; known kinds: {sorted(_COMPENSATIONS)}")
-    return _COMPENSATIONS[kind](obj)
+    if not isinstance(kind, str) or kind not in _COMPENSATIONS:
+        raise ScheduleError(f"unknown compensation {obj!r:.80}; known kinds: {sorted(_COMPENSATIONS)}")
+    return _parse(_COMPENSATIONS[kind], obj, "compensation")
 
 
 # --------------------------------------------------------------------------- layout & plan
@@ -200,12 +248,15 @@ class Method:
     schedule built, by a preset or read from a file, and raises :class:`ScheduleError`.
     ``label(schedule, step)``: the kind of a step (``full``, ``cached``, ``conservative`` ...);
     by default ``full`` when the step's rules compute everything, else ``cached``.
+    ``num_blocks(schedule)``: the number of blocks the schedule's data is written for (a mask's
+    width, a per-block fresh ratio), or None when it fits any model; printing uses it.
     """
 
     name: str
     rules: StepRule
     check: Callable[["Schedule"], Mapping[str, Any]] | None = None
     label: Callable[["Schedule", int], str] | None = None
+    num_blocks: Callable[["Schedule"], int | None] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -263,7 +314,7 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.num_steps is not None:
             object.__setattr__(self, "num_steps", check_int("num_steps", self.num_steps))
-        if self.method not in _METHODS:
+        if not isinstance(self.method, str) or self.method not in _METHODS:
             raise ScheduleError(f"unknown schedule method {self.method!r}; known: {sorted(_METHODS)}")
         if not isinstance(self.params, Mapping):
             raise ScheduleError(f"schedule params must be a mapping of names to values, got {type(self.params).__name__}")
@@ -594,6 +645,11 @@ def _flag(value: Any, where: str) -> bool:
     """A mask entry: 0/1, False/True (ints, floats equal to 0 or 1, numpy scalars); nothing else."""
     if hasattr(value, "item") and not isinstance(value, (list, tuple)):
         value = value.item()
+    if isinstance(value, (list, tuple)):
+        raise ScheduleError(
+            f"the mask has more than 3 dimensions: entry {where} is {value!r:.40}; a mask is "
+            f"[num_steps][num_blocks][branches] of 0 (reuse) or 1 (compute)"
+        )
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -651,7 +707,7 @@ def _drop_shadowed(acts: dict[str, Action]) -> dict[str, Action]:
         for o in outer:
             inside = o == "stack" and region.startswith("blocks.") or region.startswith(o + ".")
             if region != o and inside:
-                del out[region]
+                out.pop(region, None)  # inside both a reused block and the reused stack
     return out
 
 
@@ -713,7 +769,8 @@ def format_table(s: Schedule, layout: Layout | None = None) -> str:
         s = s.bind(max(2 * period, 4))
         lines.append(f"(binds to each generation's length; the first {s.num_steps} steps, then the same pattern)")
     if layout is None:
-        nb = len(s.mask[0]) if s.mask is not None else None
+        blocks = _METHODS[s.method].num_blocks
+        nb = len(s.mask[0]) if s.mask is not None else blocks(s) if blocks is not None else None
         layout = Layout(branches=(("attn", "mlp"),) * nb) if nb else None
     kinds = s.step_kinds()
     if layout is None:

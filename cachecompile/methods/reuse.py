@@ -109,6 +109,14 @@ def _explicit_check(s: Schedule) -> Mapping[str, Any]:
     params = check_params(s)
     if s.steps is None or len(s.steps) != s.num_steps:
         raise ScheduleError("an explicit schedule needs one entry per step; build it with Schedule.explicit(steps)")
+    for step, acts in enumerate(s.steps):
+        for region, a in acts:
+            # only the stack has a residual stream the graph pass can add the cached difference to
+            if a.kind == "residual" and region != "stack":
+                raise ScheduleError(
+                    f"step {step}: residual reuse applies to the whole block stack ('stack'), not {region!r}; "
+                    f"use 'reuse' for {region}"
+                )
     return params
 
 

@@ -105,9 +105,11 @@ def load_program(
         raise ArtifactError(f"{directory / MANIFEST} names backend {m.get('backend')!r}, not one of {sorted(FORMATS.values())}; re-export")
     backend = get_backend(m["backend"])  # ImportError naming the pip extra when it is missing
     _check_load_options(backend, backend_options)
+    if calls_per_step is not None:
+        check_calls_per_step(calls_per_step)  # the caller's own argument: their ValueError
     try:
         return _build(directory, m, backend, calls_per_step, verify, import_output_type, backend_options)
-    except (KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{directory / MANIFEST} is malformed ({type(e).__name__}: {e}); re-export the model") from e
 
 
@@ -126,6 +128,7 @@ def _build(
     directory: Path, m: dict, backend: Any, calls_per_step: Any, verify: bool, import_output_type: bool,
     backend_options: dict[str, Any],
 ) -> Loaded:
+    _check_field_types(directory / MANIFEST, m)
     backend_name = m["backend"]
     if backend_name in TORCH_BOUND and m["versions"].get("torch") != torch.__version__:
         raise ArtifactError(
@@ -143,10 +146,18 @@ def _build(
     leaves = [leaf_from_json(d) for d in m["leaves"]]
     graphs, graph_of_step = m["graphs"], [int(i) for i in m["graph_of_step"]]
     _check_consistency(directory, m, schedule, leaves, graphs, graph_of_step)
-    cps = m["calls_per_step"] if calls_per_step is None else calls_per_step
-    check_calls_per_step(cps)
-
-    device = torch.device(m.get("device", "cpu"))
+    if calls_per_step is None:
+        cps = m["calls_per_step"]
+        try:
+            check_calls_per_step(cps)
+        except ValueError as e:
+            raise ArtifactError(f"{directory / MANIFEST}: {e}; re-export the model (or pass calls_per_step= to load)") from None
+    else:
+        cps = calls_per_step  # checked by load_program
+    try:
+        device = torch.device(m.get("device", "cpu"))
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{directory / MANIFEST} names device {m.get('device')!r}, which torch does not know ({e}); re-export the model") from None
     weights = _load_tensors(directory, m["weights"], "weights", verify, device) if m["weights"] else None
     step_table = _load_step_inputs(directory, m["step_inputs"], verify, graph_of_step, graphs, device)
     region_map = region_map_from_json(m["regions"])
@@ -188,6 +199,32 @@ def _build(
     return Loaded(program, cps, config)
 
 
+# The manifest's top-level fields and the JSON types they hold (None allowed where listed).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "versions": (dict,), "schedule": (dict,), "leaves": (list,), "graphs": (list,), "graph_of_step": (list,),
+    "regions": (dict,), "in_spec": (str,), "out_spec": (str,), "kwarg_order": (list,), "model_class": (str,),
+    "num_outputs": (int,), "timestep_arg": (int, type(None)), "model_config": (dict, type(None)),
+    "weights": (dict, type(None)), "step_inputs": (dict, type(None)), "out_type": (dict, type(None)),
+}
+
+
+def _check_field_types(where: Path, m: dict) -> None:
+    """Every field the loader reads has its JSON type, so a hand-edited or damaged manifest is an
+    :class:`ArtifactError` at load, not a TypeError at the first call."""
+    for name, types in _FIELD_TYPES.items():
+        value = m.get(name)
+        if name not in m and type(None) in types:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ArtifactError(f"{where}: field {name!r} is {value!r:.60}, not {' or '.join(t.__name__ for t in types)}; re-export the model")
+    lists = {"kwarg_order": str, "graph_of_step": int, "leaves": dict, "graphs": dict}
+    for name, item in lists.items():
+        if any(isinstance(v, bool) or not isinstance(v, item) for v in m[name]):
+            raise ArtifactError(f"{where}: field {name!r} must hold {item.__name__} values, got {m[name]!r:.80}; re-export the model")
+    if m["num_outputs"] < 1:
+        raise ArtifactError(f"{where}: num_outputs is {m['num_outputs']}; re-export the model")
+
+
 class ArtifactConfig(dict):
     """The exported model's config: a dict whose keys also read as attributes (``config.sample_size``)."""
 
@@ -208,7 +245,11 @@ def _check_consistency(
     if not graphs or any(not 0 <= i < len(graphs) for i in graph_of_step):
         raise ArtifactError(f"{where}: the step → graph map refers to graphs that are not in the manifest; re-export")
     n_out = int(m["num_outputs"])
-    user = [TensorSpec(leaf.name, leaf.shape, dtype_to_str(leaf.dtype)) for leaf in leaves if leaf.tensor_index is not None]
+    # a batched leaf's dimension 0 is the graphs' dynamic batch (None in their specs)
+    user = [
+        TensorSpec(leaf.name, (None, *leaf.shape[1:]) if leaf.batched else leaf.shape, dtype_to_str(leaf.dtype))
+        for leaf in leaves if leaf.tensor_index is not None
+    ]
     slot_specs: dict[str, TensorSpec] = {}
     for i, g in enumerate(graphs):
         entry = g["entry"]
@@ -216,6 +257,17 @@ def _check_consistency(
             raise ArtifactError(f"{where}: graph {i} was exported for backend {entry.get('backend')!r}, the artifact for {m['backend']!r}; re-export")
         inputs = [TensorSpec.from_json(d) for d in entry["inputs"]]
         outputs = [TensorSpec.from_json(d) for d in entry["outputs"]]
+        for spec in inputs + outputs:
+            if any(isinstance(d, bool) or not isinstance(d, (int, type(None))) for d in spec.shape):
+                raise ArtifactError(f"{where}: graph {i} has a tensor of shape {list(spec.shape)}; re-export the model")
+        # every step graph returns the model's output: the same specs in all of them
+        if i == 0:
+            model_outputs = outputs[:n_out]
+        elif [(o.shape, o.dtype) for o in outputs[:n_out]] != [(o.shape, o.dtype) for o in model_outputs]:
+            raise ArtifactError(
+                f"{where}: graph {i} returns {[o.describe() for o in outputs[:n_out]]} but graph 0 returns "
+                f"{[o.describe() for o in model_outputs]}; re-export the model"
+            )
         expected = len(user) + len(g["cache_inputs"]) + len(g["step_inputs"])
         if len(inputs) != expected or len(outputs) != n_out + len(g["cache_outputs"]):
             raise ArtifactError(f"{where}: graph {i}'s inputs/outputs do not match its cache slots; re-export the model")

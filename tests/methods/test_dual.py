@@ -294,8 +294,10 @@ def test_bad_parameters_fail_clearly(make, match):
 def test_profile_shape_is_checked_against_the_model(dit):
     with pytest.raises(ScheduleError, match="2 per-block values but the model has 3 blocks"):
         cc.Schedule.duca(6, 3, [0.3, 0.3]).resolve(LAYOUT)
-    with pytest.raises(ScheduleError, match=r"4 steps × 3 blocks but the schedule has 6 steps"):
-        cc.Schedule.duca(6, 3, [[0.3] * 3] * 4).resolve(LAYOUT)
+    with pytest.raises(ScheduleError, match=r"fresh_ratio table has 4 rows but the schedule has 6 steps"):
+        cc.Schedule.duca(6, 3, [[0.3] * 3] * 4)  # the table's step count is checked when it is built
+    with pytest.raises(ScheduleError, match=r"6 steps × 2 blocks but the schedule has 6 steps and the model 3 blocks"):
+        cc.Schedule.duca(6, 3, [[0.3] * 2] * 6).resolve(LAYOUT)
     cached = cc.optimize(dit, cc.Schedule.duca(6, 3, [0.3, 0.3]))
     with pytest.raises(ScheduleError):
         cached(**dit_inputs())

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -65,8 +66,11 @@ from cachecompile.core.schedule import (
     Schedule,
     ScheduleError,
     StepPlan,
+    check_int,
+    json_fields,
     register_action,
     register_compensation,
+    state_tokens,
 )
 
 __all__ = [
@@ -155,15 +159,32 @@ def history_of(action: Action) -> tuple[int, bool] | None:
     return None
 
 
-def _forecast_from_json(obj: Mapping[str, Any]) -> Forecast:
+_FORECAST_METHODS = ("goc", "eoc", "taylor")
+
+
+def _forecast_from_json(obj: Any) -> Forecast:
+    o = json_fields(obj, "a forecast action", required=("method",), optional=("queue", "order", "prior_shapes"))
+    if o["method"] not in _FORECAST_METHODS:
+        raise ScheduleError(f"a forecast action's method is one of {list(_FORECAST_METHODS)}, got {o['method']!r:.40}")
+    queue = o.get("queue", "computed")
+    if queue not in ("used", "computed"):
+        raise ScheduleError(f"a forecast action's queue is 'used' or 'computed', got {queue!r:.40}")
+    shapes = o.get("prior_shapes", ())
+    if not isinstance(shapes, (list, tuple)) or not all(isinstance(sh, (list, tuple)) for sh in shapes):
+        raise ScheduleError(f"a forecast action's prior_shapes is a list of shapes, got {shapes!r:.80}")
     return Forecast(
-        method=obj["method"], queue=obj.get("queue", "computed"), order=int(obj.get("order", 1)),
-        prior_shapes=tuple(tuple(int(d) for d in s) for s in obj.get("prior_shapes", ())),
+        method=o["method"], queue=queue, order=check_int("a forecast action's order", o.get("order", 1), minimum=0),
+        prior_shapes=tuple(tuple(check_int("a prior shape's size", d, minimum=0) for d in sh) for sh in shapes),
     )
 
 
+def _history_from_json(obj: Any) -> History:
+    o = json_fields(obj, "a history action", optional=("state",))
+    return History(state=state_tokens(o.get("state", ()), "a history action's state"))
+
+
 register_action("forecast", _forecast_from_json)
-register_action("history", lambda o: History(state=tuple(o.get("state", ()))))
+register_action("history", _history_from_json)
 
 
 def state_slots(action: Action, slot: str) -> list[str]:
@@ -187,6 +208,8 @@ def history_slots(slot: str, depth: int) -> list[str]:
 
 
 def _steps_tuple(name: str, steps: Iterable[Any]) -> tuple[int, ...]:
+    if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+        raise ScheduleError(f"{name} must be a list of step indices, got {steps!r:.80}")
     out = []
     for s in steps:
         if isinstance(s, bool) or not isinstance(s, int) and not (hasattr(s, "__index__")):
@@ -199,8 +222,12 @@ def _steps_tuple(name: str, steps: Iterable[Any]) -> tuple[int, ...]:
 
 
 def _per_region(name: str, value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """A ``{region: steps}`` mapping as sorted, hashable pairs."""
-    return tuple(sorted((str(r), _steps_tuple(f"{name}[{r!r}]", v)) for r, v in dict(value).items()))
+    """A ``{region: steps}`` mapping (or its pairs) as sorted, hashable pairs."""
+    if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        value = dict(value)
+    if not isinstance(value, Mapping):
+        raise ScheduleError(f"{name} must map region names to lists of steps, got {value!r:.80}")
+    return tuple(sorted((str(r), _steps_tuple(f"{name}[{r!r}]", v)) for r, v in value.items()))
 
 
 def _check_regions(name: str, keys: Iterable[str], layout: Layout) -> None:
@@ -323,10 +350,10 @@ class GOC:
     kind: ClassVar[str] = "goc"
 
     def __post_init__(self) -> None:
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not math.isfinite(self.weight):
             raise ScheduleError(f"GOC weight must be a finite number (about 0.8–1.2 in the paper), got {self.weight!r}")
         object.__setattr__(self, "weight", float(self.weight))
-        if self.queue not in ("used", "computed"):
+        if not isinstance(self.queue, str) or self.queue not in ("used", "computed"):
             raise ScheduleError(f"GOC queue must be 'used' (the paper's rule) or 'computed' (stable), got {self.queue!r}")
         skip = self.skip_steps
         if isinstance(skip, Mapping) or (isinstance(skip, (tuple, list)) and skip and isinstance(skip[0], (tuple, list))):
@@ -358,12 +385,18 @@ class GOC:
         }
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "GOC":
-        skip = obj.get("skip_steps", ())
+    def from_json(cls, obj: Any) -> "GOC":
+        o = json_fields(obj, "a GOC compensation", optional=("weight", "queue", "skip_steps", "steps"))
+        skip = o.get("skip_steps", ())
+        if not isinstance(skip, (list, tuple, Mapping)):
+            raise ScheduleError(f"GOC skip_steps must be a list of steps or {{region: steps}}, got {skip!r:.80}")
+        steps = o.get("steps")
+        if steps is not None and not isinstance(steps, (list, tuple)):
+            raise ScheduleError(f"GOC steps must be a list of steps or null, got {steps!r:.80}")
         return cls(
-            weight=obj.get("weight", 1.2), queue=obj.get("queue", "used"),
+            weight=o.get("weight", 1.2), queue=o.get("queue", "used"),
             skip_steps=dict(skip) if isinstance(skip, Mapping) else tuple(skip),
-            steps=None if obj.get("steps") is None else tuple(obj["steps"]),
+            steps=None if steps is None else tuple(steps),
         )
 
     @property
@@ -424,15 +457,16 @@ class Taylor:
     kind: ClassVar[str] = "taylor"
 
     def __post_init__(self) -> None:
-        if self.order not in (1, 2):
+        if isinstance(self.order, bool) or not isinstance(self.order, numbers.Integral) or self.order not in (1, 2):
             raise ScheduleError(f"Taylor order must be 1 or 2, got {self.order!r}")
+        object.__setattr__(self, "order", int(self.order))
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "order": self.order}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "Taylor":
-        return cls(order=int(obj.get("order", 1)))
+    def from_json(cls, obj: Any) -> "Taylor":
+        return cls(order=json_fields(obj, "a Taylor compensation", optional=("order",)).get("order", 1))
 
     def transform(self, rules: list[dict[str, Action]], schedule: Schedule, layout: Layout) -> list[dict[str, Action]]:
         regions = compensable_regions(rules, "Taylor")
@@ -492,10 +526,23 @@ class PriorTable:
         if isinstance(value, PriorTable):
             return value
         if isinstance(value, Mapping):  # the JSON form
-            raw = base64.b64decode(value["data"])
-            if value.get("dtype", "float32") != "float32":
-                raise ScheduleError(f"EOC prior tables are float32, got {value.get('dtype')!r}")
-            return cls(tuple(int(d) for d in value["shape"]), raw)
+            o = json_fields(value, "an EOC prior table", required=("shape", "data"), optional=("dtype",))
+            if o.get("dtype", "float32") != "float32":
+                raise ScheduleError(f"EOC prior tables are float32, got {o.get('dtype')!r:.40}")
+            shape = o["shape"]
+            if not isinstance(shape, (list, tuple)):
+                raise ScheduleError(f"an EOC prior table's shape is a list of sizes, got {shape!r:.80}")
+            shape = tuple(check_int("an EOC prior table's size", d, minimum=0) for d in shape)
+            try:
+                raw = base64.b64decode(o["data"], validate=True)
+            except (TypeError, ValueError) as e:
+                raise ScheduleError(f"an EOC prior table's data is not base64 ({e}); calibrate again (cc.calibrate)") from None
+            if len(raw) != 4 * math.prod(shape):
+                raise ScheduleError(
+                    f"an EOC prior table of shape {list(shape)} needs {4 * math.prod(shape)} bytes of float32, its data "
+                    f"has {len(raw)}; calibrate again (cc.calibrate)"
+                )
+            return cls(shape, raw)
         t = torch.as_tensor(value).detach().to("cpu", torch.float32).contiguous()
         return cls(tuple(t.shape), t.numpy().tobytes())
 
@@ -539,10 +586,12 @@ class EOC:
     kind: ClassVar[str] = "eoc"
 
     def __post_init__(self) -> None:
-        if isinstance(self.theta, bool) or not isinstance(self.theta, (int, float)) or not math.isfinite(self.theta):
+        if isinstance(self.theta, bool) or not isinstance(self.theta, numbers.Real) or not math.isfinite(self.theta):
             raise ScheduleError(f"EOC theta must be a finite number (about 0.01 in the paper), got {self.theta!r}")
         object.__setattr__(self, "theta", float(self.theta))
         if self.prior is not None:
+            if not isinstance(self.prior, (Mapping, list, tuple)):
+                raise ScheduleError(f"EOC prior must map region output slots to tables, got {type(self.prior).__name__}")
             items = self.prior.items() if isinstance(self.prior, Mapping) else self.prior
             tables = tuple(sorted((str(k), PriorTable.of(v)) for k, v in items))
             for k, t in tables:
@@ -555,6 +604,8 @@ class EOC:
         if self.judged is not None:
             object.__setattr__(self, "judged", _per_region("EOC judged", self.judged))
         if self.threshold is not None:
+            if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real) or not math.isfinite(self.threshold):
+                raise ScheduleError(f"EOC threshold must be a finite number or None, got {self.threshold!r}")
             object.__setattr__(self, "threshold", float(self.threshold))
 
     def __repr__(self) -> str:
@@ -581,9 +632,12 @@ class EOC:
         }
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "EOC":
-        prior = obj.get("prior") or None
-        return cls(theta=obj.get("theta", 0.01), prior=prior, threshold=obj.get("threshold"), judged=obj.get("judged"))
+    def from_json(cls, obj: Any) -> "EOC":
+        o = json_fields(obj, "an EOC compensation", optional=("theta", "prior", "threshold", "judged"))
+        prior = o.get("prior") or None
+        if prior is not None and not isinstance(prior, Mapping):
+            raise ScheduleError(f"EOC prior must map region output slots to tables, got {prior!r:.80}")
+        return cls(theta=o.get("theta", 0.01), prior=prior, threshold=o.get("threshold"), judged=o.get("judged"))
 
     def transform(self, rules: list[dict[str, Action]], schedule: Schedule, layout: Layout) -> list[dict[str, Action]]:
         if not self.prior:

@@ -39,7 +39,9 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -56,7 +58,9 @@ from cachecompile.core.schedule import (
     ScheduleError,
     StepPlan,
     check_int,
+    json_fields,
     register_action,
+    state_tokens,
     register_method,
     register_rule_transform,
 )
@@ -100,21 +104,34 @@ class Partial(Action):
     ratio: float = 0.0
     score: Score = (("v_norm", 1.0),)
     seed: int = 0
+    # Re-stamp the recomputed tokens' staleness although this step's score does not use it:
+    # set by :func:`attach_state` when another step scores the region by staleness.
+    restamp: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
         object.__setattr__(self, "score", parse_score(self.score))
         object.__setattr__(self, "seed", check_int("seed", self.seed, minimum=0))
+        if not isinstance(self.restamp, bool):
+            raise ScheduleError(f"a partial action's restamp is true or false, got {self.restamp!r}")
+
+    @property
+    def stamps(self) -> bool:
+        """Whether this step writes the staleness stamps of the tokens it recomputes."""
+        return self.restamp or any(name == "staleness" for name, _ in self.score)
 
     def to_json(self) -> Any:
-        return {"kind": "partial", "ratio": self.ratio, "score": dict(self.score), "seed": self.seed}
+        out = {"kind": "partial", "ratio": self.ratio, "score": dict(self.score), "seed": self.seed}
+        if self.restamp:
+            out["restamp"] = True
+        return out
 
 
 @dataclass(frozen=True)
 class Record(Action):
     """Compute the region (kind ``compute``) and also keep ``state`` for later steps:
     ``v_norm`` / ``attention`` (attention regions), ``staleness`` (partial regions),
-    ``residual`` (the stack: its slot then holds output − input)."""
+    ``residual`` (the stack: output − input, in the slot ``stack@residual``)."""
 
     kind: str = "compute"
     state: tuple[str, ...] = ()
@@ -142,12 +159,25 @@ def step_values(plans: list[StepPlan], names: list[str], device: torch.device) -
     return {STEP_INPUT: [torch.tensor(step, dtype=torch.int64, device=device) for step in range(len(plans))]}
 
 
-register_action(
-    "partial",
-    lambda o: Partial(ratio=o["ratio"], score=parse_score(o.get("score", "v_norm")), seed=o.get("seed", 0)),
-)
-register_action("record", lambda o: Record(state=tuple(o.get("state", ()))))
-register_action("residual", lambda _: ReuseResidual())
+def _partial_from_json(obj: Any) -> Partial:
+    o = json_fields(obj, "a partial action", required=("ratio",), optional=("score", "seed", "restamp"))
+    return Partial(ratio=o["ratio"], score=parse_score(o.get("score", "v_norm")), seed=o.get("seed", 0), restamp=o.get("restamp", False))
+
+
+def _record_from_json(obj: Any) -> Record:
+    o = json_fields(obj, "a record action", optional=("state",))
+    return Record(state=state_tokens(o.get("state", ()), "a record action's state"))
+
+
+def _residual_from_json(obj: Any) -> ReuseResidual:
+    if not isinstance(obj, str):
+        json_fields(obj, "a residual action")
+    return ReuseResidual()
+
+
+register_action("partial", _partial_from_json)
+register_action("record", _record_from_json)
+register_action("residual", _residual_from_json)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -155,7 +185,7 @@ register_action("residual", lambda _: ReuseResidual())
 
 def check_ratio(value: Any, where: str = "fresh_ratio") -> float:
     """A fresh ratio as a float in [0, 1], or a :class:`ScheduleError` naming the fix."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ScheduleError(f"{where} must be a number in [0, 1], got {value!r}")
     if not 0.0 <= value <= 1.0:
         raise ScheduleError(
@@ -201,13 +231,15 @@ def parse_score(spec: Any) -> Score:
             pairs.append((m.group(3), sign * weight))
     elif isinstance(spec, Mapping):
         pairs = list(spec.items())
-    else:
+    elif isinstance(spec, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in spec):
         pairs = [tuple(p) for p in spec]
+    else:
+        raise ScheduleError(f"a score is a name, a weighted sum like 'v_norm+0.25*staleness' or a mapping name → weight, got {spec!r:.80}")
     out: dict[str, float] = {}
     for name, weight in pairs:
         if name not in SCORE_NAMES:
             raise ScheduleError(f"unknown token score {name!r}; known scores: {', '.join(SCORE_NAMES)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ScheduleError(f"the weight of score {name!r} must be a finite number, got {weight!r}")
         out[name] = out.get(name, 0.0) + float(weight)
     out = {k: v for k, v in out.items() if v != 0.0}
@@ -218,7 +250,7 @@ def parse_score(spec: Any) -> Score:
 
 def _freeze_ratio(fresh_ratio: Any) -> float | list:
     """Validate a ratio, a per-block list or a per-step × per-block table (JSON-able lists)."""
-    if isinstance(fresh_ratio, (int, float)) and not isinstance(fresh_ratio, bool):
+    if isinstance(fresh_ratio, numbers.Real) and not isinstance(fresh_ratio, bool):
         return check_ratio(fresh_ratio)
     if hasattr(fresh_ratio, "tolist"):
         fresh_ratio = fresh_ratio.tolist()
@@ -275,9 +307,15 @@ def _dual_check(s: Schedule) -> dict[str, Any]:
     params = check_params(s, interval=..., fresh_ratio=..., score="v_norm", seed=0, **extra)
     params["interval"] = check_int("interval", params["interval"])
     params["fresh_ratio"] = _freeze_ratio(params["fresh_ratio"])
-    table = isinstance(params["fresh_ratio"], list) and params["fresh_ratio"] and isinstance(params["fresh_ratio"][0], list)
-    if table and s.num_steps is None:
-        raise ScheduleError("a [step][block] fresh_ratio table fixes the number of steps: give num_steps")
+    table = params["fresh_ratio"]
+    if isinstance(table, list) and table and isinstance(table[0], list):
+        if s.num_steps is None:
+            raise ScheduleError("a [step][block] fresh_ratio table fixes the number of steps: give num_steps")
+        if len(table) != s.num_steps:
+            raise ScheduleError(
+                f"the fresh_ratio table has {len(table)} rows but the schedule has {s.num_steps} steps; "
+                f"give one row of per-block ratios per step"
+            )
     params["score"] = dict(parse_score(params["score"]))
     params["seed"] = check_int("seed", params["seed"], minimum=0)
     if s.method == "duca" and params["aggressive_reuse"] not in AGGRESSIVE_MODES:
@@ -335,8 +373,16 @@ def _duca_label(s: Schedule, step: int) -> str:
     return "full" if r == 0 else ("conservative" if r % 2 == 1 else "aggressive")
 
 
-register_method(Method("toca", _toca_rule, _dual_check, _toca_label))
-register_method(Method("duca", _duca_rule, _dual_check, _duca_label))
+def _ratio_blocks(s: Schedule) -> int | None:
+    """The number of blocks a per-block ratio (list or [step][block] table) is written for."""
+    r = s.params["fresh_ratio"]
+    if isinstance(r, (int, float)):
+        return None
+    return len(r[0]) if isinstance(r[0], (list, tuple)) else len(r)
+
+
+register_method(Method("toca", _toca_rule, _dual_check, _toca_label, _ratio_blocks))
+register_method(Method("duca", _duca_rule, _dual_check, _duca_label, _ratio_blocks))
 
 
 # --------------------------------------------------------------------------- state
@@ -397,6 +443,10 @@ def attach_state(rules: list[dict[str, Action]], schedule: Schedule, layout: Lay
     out = []
     for step, acts in enumerate(rules):
         acts = dict(acts)
+        for region, a in list(acts.items()):
+            # staleness counts steps since a token was last recomputed, by any partial step
+            if a.kind == "partial" and "staleness" in needs.get(region, ()) and not a.stamps:
+                acts[region] = dataclasses.replace(a, restamp=True)
         for region, states in sorted(needs.items()):
             if _runs_fully(region, acts):
                 prior = getattr(acts.get(region), "state", ())

@@ -392,9 +392,9 @@ def score_node(
 def update_staleness(
     gm: torch.fx.GraphModule, region_name: str, action: Any, idx: torch.fx.Node, batch: int, tokens: int, device: torch.device, before: torch.fx.Node
 ) -> None:
-    """After a partial step picked ``idx``: re-stamp those tokens and write the slot (only when
-    the action's score uses staleness)."""
-    if "staleness" not in dict(action.score):
+    """After a partial step picked ``idx``: re-stamp those tokens and write the slot (when the
+    region's staleness is tracked: this step's score uses it, or another step's does)."""
+    if not action.stamps:
         return
     slot = state_slot(region_name, "staleness")
     stamp = _state_node(gm, slot, batch, tokens, device)

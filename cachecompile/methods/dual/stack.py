@@ -1,11 +1,13 @@
 """Residual reuse of the block stack (DuCa's ``aggressive_reuse="residual"``).
 
 At a step that reuses the stack with a ``residual`` action (``methods.dual.ReuseResidual``), the
-stack's output is replaced by ``this step's stack input + cache["stack"]``; at every step that
-runs the stack with ``Record(state=("residual",))``, the value written to the ``stack`` slot is
-``output − input`` instead of the output. So the slot holds the stack's residual from the last
-step where the stack ran, and the blocks drop out of the aggressive step graph by dead code
-removal. (Plain ``reuse`` of the stack — the paper's ``"output"`` mode — is an ordinary cache read.)
+stack's output is replaced by ``this step's stack input + cache["stack@residual"]``; at every step
+that runs the stack with ``Record(state=("residual",))``, ``output − input`` is written to the slot
+``stack@residual``. So that slot holds the stack's residual from the last step where the stack
+ran, and the blocks drop out of the aggressive step graph by dead code removal. Plain ``reuse`` of
+the stack — the paper's ``"output"`` mode — is an ordinary read of the ``stack`` slot, which keeps
+the output, so one schedule may use both (a write no step reads is dropped by
+:mod:`cachecompile.passes.dead_writes`).
 
 The stack's input is its stream input: the one floating-point input with the output's shape
 (the patch embedding's output for DiT); timestep and labels feed the blocks' adaLN but are not
@@ -26,7 +28,7 @@ import torch.fx
 
 from cachecompile.core.schedule import StepPlan
 from cachecompile.passes import counters
-from cachecompile.passes.cache_io import add_cache_input, add_cache_output, cache_io
+from cachecompile.passes.cache_io import add_cache_input, add_cache_output
 from cachecompile.core.errors import RegionError
 from cachecompile.core.regions import Region, RegionMap
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = ["stack_reuse", "stream_input"]
 
 STACK = "stack"
+RESIDUAL_SLOT = "stack@residual"  # the stack's output − input, beside the output kept in "stack"
 
 
 def stream_input(gm: torch.fx.GraphModule, region: Region) -> tuple[torch.fx.Node, torch.fx.Node]:
@@ -60,24 +63,13 @@ def stream_input(gm: torch.fx.GraphModule, region: Region) -> tuple[torch.fx.Nod
     return cands[0], out
 
 
-def _replace_cache_output(gm: torch.fx.GraphModule, slot: str, value: torch.fx.Node) -> None:
-    io = cache_io(gm)
-    if slot not in io.cache_outputs:
-        add_cache_output(gm, slot, value)
-        return
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    values = list(out.args[0])
-    values[io.num_user_outputs + io.cache_outputs.index(slot)] = value
-    out.args = (tuple(values),)
-
-
 def stack_reuse(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) -> torch.fx.GraphModule:
     """Rewrite ``residual`` reuse of the stack and its ``residual`` records (see module doc)."""
     action = plan.action(STACK)
     if action.kind == "residual":
         region = regions[STACK]
         inp, out = stream_input(gm, region)
-        delta = add_cache_input(gm, STACK, out)
+        delta = add_cache_input(gm, RESIDUAL_SLOT, out)
         user = next(n for n in gm.graph.nodes if n in out.users and n.name not in region.nodes)
         with gm.graph.inserting_before(user):
             new = gm.graph.call_function(torch.ops.aten.add.Tensor, (inp, delta))
@@ -90,6 +82,6 @@ def stack_reuse(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPlan) ->
         with gm.graph.inserting_after(out):
             delta = gm.graph.call_function(torch.ops.aten.sub.Tensor, (out, inp))
         delta.meta["val"] = out.meta["val"]
-        _replace_cache_output(gm, STACK, delta)
+        add_cache_output(gm, RESIDUAL_SLOT, delta)
         counters["stack_residual_writes"] += 1
     return gm

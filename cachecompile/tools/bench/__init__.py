@@ -21,10 +21,10 @@ __all__ = ["run_bench", "check_targets", "markdown_report", "add_bench_arguments
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="digits (default when its weights ship), dit-s2, dit-s2-untied, tiny, or module:attr")
     p.add_argument("--schedule", nargs="+", default=None,
-                   help="presets (fora:3 ...) or .json files (default: fora:2 fora:3; with --quality: every preset)")
+                   help="presets (fora:3 ...) or .json files (default: fora:3 duca:3:0.3; with --quality: every preset)")
     p.add_argument("--quality", action="store_true",
                    help="the quality report on the trained digits model: every preset vs uncached (cachecompile.quality_report)")
-    p.add_argument("--backend", nargs="+", default=["eager"], help="eager, inductor, aoti, onnxruntime, tensorrt")
+    p.add_argument("--backend", nargs="+", default=["eager", "inductor"], help="eager, inductor, aoti, onnxruntime, tensorrt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=2, help="images per run (the CFG batch is twice this)")
     p.add_argument("--cfg", type=float, default=2.0)
@@ -38,7 +38,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per configuration for the quality numbers (default 64 on the trained digits model, else 0)")
     p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 is steadier on a machine shared with other jobs")
+                   help="torch CPU threads (default: 1 on CPU, torch's choice on CUDA). With several threads each op "
+                        "waits for its slowest one, so on a machine shared with other jobs a call can take 15-40x its "
+                        "time (measured on 2 CPUs at load 8); one thread slows down only in proportion to the load")
     p.add_argument("--warm-compile-cache", action="store_true", help="let Inductor reuse its on-disk caches (compile times are then warm)")
     p.add_argument("--out", default="bench-out", help="directory for bench.json, bench.md and the plots")
     p.add_argument("--no-plots", action="store_true")
@@ -48,6 +50,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def bench_main(args: argparse.Namespace) -> int:
     from cachecompile.tools import peers as P
 
+    if args.threads is None and not (torch.cuda.is_available() and args.device != "cpu"):
+        args.threads = 1  # steady on a shared CPU: see --help
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
@@ -56,7 +60,7 @@ def bench_main(args: argparse.Namespace) -> int:
         from cachecompile.tools.quality_report import quality_main
 
         return quality_main(args)
-    args.schedule = args.schedule or ["fora:2", "fora:3"]
+    args.schedule = args.schedule or ["fora:3", "duca:3:0.3"]
 
     model = args.model or default_model_name()
     peers = None if args.peers is None else (args.peers or P.peer_names())

@@ -30,7 +30,7 @@ def _why_steps(row: dict, other: dict | None = None) -> str:
         f"{k} steps take {_pct(v['mean_ms'] / full['mean_ms'])} of a full step's time for "
         f"{_pct(v['mean_gflops'] / full['mean_gflops'])} of its FLOPs ({v['mean_ms']:.1f} vs {full['mean_ms']:.1f} ms)"
         for k, v in others
-    ) + " (per-step times from one untimed run): the difference is work that caching does not remove and per-op overhead"
+    ) + " (per-step times from the median instrumented run): the difference is work that caching does not remove and per-op overhead"
 
 
 def _pct(x: float) -> str:
@@ -117,6 +117,21 @@ def _quality_cell(q: dict | None) -> str:
     return f"acc {q['accuracy']:.3f}, FID {q['fid']:.1f}, PSNR {q.get('psnr', float('nan')):.1f}"
 
 
+def _loaded_note(result: dict[str, Any]) -> str:
+    """A warning when other jobs competed for the CPUs: with several intra-op threads each op
+    waits for its slowest thread, so times then depend on the other jobs far more than 1:1."""
+    la = (result.get("load_average") or {}).get("start")
+    cpus = result.get("cpus")
+    threads = result.get("threads")
+    if not la or not cpus or not threads or threads < 2 or la[0] < 0.75 * cpus:
+        return ""
+    return (
+        f"The machine was loaded (load average {la[0]:.1f} on {cpus} CPUs) and torch ran {threads} threads: every op "
+        f"then waits for its slowest thread, so a call can take many times its unloaded time (measured here: "
+        f"15-25x at load 8 on 2 CPUs). Compare rows only within this run, or rerun with --threads 1."
+    )
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The main table, the per-step table, the targets, and what did not run."""
     la = result.get("load_average") or {}
@@ -148,12 +163,26 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"| {r['graph_breaks']} / {r['recompiles']} | {_f(r['peak_memory_mb'], '.0f')} | {_f(r['cache_mb'], '.2f')} "
             f"| {r['max_abs_diff']:.1e} | {r['rel_l1']:.4f} | {_quality_cell(r['quality'])} |"
         )
-    lines += ["", "Per-step time by step kind (mean ms, number of steps; one untimed run with a timer around each call):", "",
-              "| implementation | schedule | backend | per step |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Per-step time by step kind: mean ms of one transformer call (number of steps) in the median of "
+        f"{result['repeats']} instrumented runs, each made right after a timed run of the same row (a timer around "
+        f"each call; the timed runs carry none). calls = the sum of its steps; rest = that run outside the calls "
+        f"(noise, CFG combine, scheduler); calls + rest = that run's time, which should match the timed median.",
+        "",
+        "| implementation | schedule | backend | per step (ms) | calls (s) | rest (s) | instrumented run (s) | timed run (s) |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
         if r["status"] == "ok":
             cells = " · ".join(f"{k} {v['mean_ms']:.1f} ({v['count']})" for k, v in r["per_kind"].items())
-            lines.append(f"| {r['impl']} | {r['schedule']} | {r['backend']} | {cells} |")
+            lines.append(
+                f"| {r['impl']} | {r['schedule']} | {r['backend']} | {cells} | {_f(r.get('calls_seconds'), '.3f')} "
+                f"| {_f(r.get('outside_seconds'), '.3f')} | {_f(r.get('instrumented_seconds'), '.3f')} | {r['seconds']:.3f} |"
+            )
+    loaded = _loaded_note(result)
+    if loaded:
+        lines += ["", loaded]
     lines += ["", "Targets:", ""]
     for t in result.get("targets", []):
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]

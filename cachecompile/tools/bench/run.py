@@ -6,8 +6,12 @@ FLOPs limit and against the peers.
 * the wall time of a whole sampling run: the median of ``--repeats`` runs after ``--warmup`` runs,
   the timed runs interleaved round-robin over all configurations (which all stay alive), so that
   a drift in the machine's speed — other jobs, thermal limits — hits every row alike;
-* the per-step time by step kind (``schedule.step_kinds()``), from a separate run with a timer
-  around each transformer call, so that the timed runs carry no per-call instrumentation;
+* the per-step time by step kind (``schedule.step_kinds()``), from instrumented runs with a timer
+  around each transformer call, one right after each timed run of the same configuration (so
+  the timed runs carry no per-call instrumentation, and both see the same machine); the figures
+  are those of the instrumented run with the median time. What it spends outside the transformer
+  calls (noise, CFG combine, the scheduler) is reported beside them: calls + the rest = that
+  run's time, to be read against the timed runs' median;
 * the compile time: preparation (capture, rewrite, lowering; a peer's calibration) plus what the
   first run costs beyond a steady-state run (``torch.compile`` compiles lazily);
 * the FLOPs ratio (uncached ÷ this configuration) from ``torch.utils.flop_counter``, counted per
@@ -116,7 +120,12 @@ class Row:
     max_abs_diff: float | None = None
     rel_l1: float | None = None
     step_kinds: list[str] = field(default_factory=list)
-    step_seconds: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # per step, from the median instrumented run
+    step_runs: list[list[float]] = field(default_factory=list)  # per instrumented run: each call's seconds
+    instrumented_runs: list[float] = field(default_factory=list)  # wall time of each instrumented run
+    calls_seconds: float | None = None  # sum of step_seconds
+    outside_seconds: float | None = None  # the median instrumented run's time outside the calls
+    instrumented_seconds: float | None = None  # the median instrumented run's time
     step_flops: list[int] = field(default_factory=list)
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
     mask: list[int] | None = None
@@ -163,6 +172,12 @@ class _Run:
         sync(self.device)
         return time.perf_counter() - t0, out
 
+    def per_step(self, fn: Any) -> tuple[float, list[float]]:
+        """An instrumented run: its wall time and the seconds of each transformer call."""
+        timer = PerStep(fn, self.bm.model)
+        seconds, _ = self.timed(timer)
+        return seconds, timer.values
+
     def quality_images(self, fn: Any) -> torch.Tensor:
         """``quality_samples`` images, in chunks of the bench batch (step graphs have static shapes)."""
         assert self.quality_labels is not None
@@ -201,8 +216,6 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
             row.first_run_seconds, out = run.timed(built.fn)
             for _ in range(run.warmup - 1):
                 run.sample(built.fn)
-            timer = PerStep(built.fn, run.bm.model)
-            run.sample(timer)
             with PeakMemory(run.device) as mem:  # its own run: trimming the heap costs time
                 run.sample(built.fn)
             row.peak_memory_mb, row.info["memory"] = mem.mb, mem.method
@@ -223,7 +236,6 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
     if built.info is not None:
         row.info.update(built.info())
     row.flops = sum(row.step_flops)
-    row.step_seconds = timer.values
     ref = run.reference if run.reference is not None else out
     row.max_abs_diff = (out - ref).abs().max().item()
     row.rel_l1 = ((out - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item()
@@ -238,7 +250,9 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
 def _time_interleaved(run: _Run, prepared: list[tuple[Row, Built]], progress: bool) -> None:
     """The timed runs, round-robin over the configurations: on a machine whose speed drifts
     (other jobs, thermal limits) every configuration sees the same drift, so the ratios between
-    rows stay fair. Fills ``runs``, ``seconds`` and ``compile_seconds``."""
+    rows stay fair. Each timed run is followed by an instrumented run of the same configuration
+    (a timer around each call), so the per-step figures come from the same rounds, under the same
+    load, as the totals. Fills ``runs``, ``seconds``, ``compile_seconds`` and the per-step fields."""
     order = [(r, b) for _ in range(run.repeats) for r, b in prepared]
     bar = _progress(order, progress, "timed runs")
     for row, built in bar:
@@ -248,15 +262,31 @@ def _time_interleaved(run: _Run, prepared: list[tuple[Row, Built]], progress: bo
         try:
             with torch.no_grad():
                 row.runs.append(run.timed(built.fn)[0])
+                seconds, calls = run.per_step(built.fn)
         except Exception as e:  # noqa: BLE001
             row.status, row.reason = "failed", f"in a timed run: {first_line(e)}"
             continue
+        row.instrumented_runs.append(seconds)
+        row.step_runs.append(calls)
         add_dynamo_delta(row, snap)
     for row, _ in prepared:
         if row.status == "ok":
             row.seconds = statistics.median(row.runs)
             row.info["min_seconds"] = min(row.runs)
             row.compile_seconds = row.prepare_seconds + max(0.0, row.first_run_seconds - row.seconds)
+            _per_step_summary(row)
+
+
+def _per_step_summary(row: Row) -> None:
+    """The per-step figures of the instrumented run with the median run time (the upper one of
+    two), so that they add up: its calls + the rest of it = its run time. (Medians taken per
+    step do not add up: each may come from another run.)"""
+    runs = row.instrumented_runs
+    median = sorted(range(len(runs)), key=runs.__getitem__)[len(runs) // 2]
+    row.step_seconds = list(row.step_runs[median])
+    row.calls_seconds = sum(row.step_seconds)
+    row.instrumented_seconds = runs[median]
+    row.outside_seconds = row.instrumented_seconds - row.calls_seconds
 
 
 def _finish(run: _Run, row: Row, kinds: list[str] | None) -> None:
@@ -522,6 +552,8 @@ def run_bench(
         "torch": torch.__version__,
         "device": str(dev),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "load_average": {"start": load_before, "end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "cold_compile": cold_compile,
         "rows": [asdict(r) for r in rows],
