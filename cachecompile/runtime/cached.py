@@ -24,6 +24,7 @@ from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import Schedule, StepPlan
 from cachecompile.runtime.artifact import load_program
 from cachecompile.runtime.cache_store import CacheStore
+from cachecompile.runtime.decisions import DecisionLog
 from cachecompile.runtime.steps import StepClock, timestep_value
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class CachedTransformer(HoldsModel):
         self._clock = StepClock(schedule.num_steps, calls_per_step)
         self._context: Any = None  # the pipeline's cache_context name for the current call
         self._store = CacheStore()
+        self._decisions = DecisionLog()  # dynamic steps' decision flags, kept on device (runtime.decisions)
         self._program: StepProgram | None = None
         if program is not None:
             self._run(program)
@@ -153,6 +155,19 @@ class CachedTransformer(HoldsModel):
         return clock.calls_per_step or clock.detected or clock.declared
 
     @property
+    def decisions(self) -> list[str]:
+        """What each step of the generation in progress, or else of the last generation, did:
+        ``"full"`` or ``"cached"`` as decided in the graph by a dynamic schedule (DBCache,
+        TeaCache), the schedule's own label for steps it fixes (warm-up, FORA ...). The flags stay
+        on the device during the generation and are read here, once.
+
+        >>> cached.decisions        # doctest: +SKIP
+        ['full', 'full', 'cached', 'cached', 'full', ...]
+        """
+        kinds = self.schedule.step_kinds()
+        return self._decisions.labels(lambda step: kinds[step])
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes held by the cache store now (after a generation: the steady-state size)."""
         return self._store.nbytes
@@ -197,6 +212,7 @@ class CachedTransformer(HoldsModel):
         """Start a new generation: the next call is step 0 and the cache is emptied."""
         self._clock.reset()
         self._store.clear()
+        self._decisions.clear()
 
     def begin_generation(self, num_steps: int | None = None) -> None:
         """Pipeline hook: a generation of ``num_steps`` denoising steps starts now.
@@ -210,6 +226,7 @@ class CachedTransformer(HoldsModel):
         """
         self._clock.begin_generation(num_steps)
         self._store.new_generation()
+        self._decisions.end_generation()
 
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
@@ -269,8 +286,10 @@ class CachedTransformer(HoldsModel):
         outs = program.runners[idx](*tensors, *cache_in, *step_in)
         n = program.call.num_outputs
         self._store.write_all(call, zip(io.cache_outputs, outs[n:]), caller=(*tensors, *outs[:n]))
+        self._decisions.record(step, call, io.cache_outputs, outs[n:], copy=program.reuses_outputs)
         if self._clock.advance(pos, t, self._context):
             self._store.new_generation()  # the next call starts a new generation
+            self._decisions.end_generation()
         return pytree.tree_unflatten(list(outs[:n]), program.call.out_spec)
 
     @staticmethod
