@@ -80,7 +80,6 @@ def test_presets_are_data_that_round_trip():
         (lambda: cc.Schedule.dbcache(0.1, num_steps=4).with_compensation(cc.GOC(1.0)), "drop compensation"),
         (lambda: cc.Schedule.teacache(0.1, [], num_steps=4), "non-empty list of numbers"),
         (lambda: cc.Schedule.teacache(0.1, "DiTTransformer2DModel", num_steps=4), "no published TeaCache coefficients.*cc.calibrate"),
-        (lambda: cc.Schedule.teacache(0.1, None, num_steps=4), "needs its rescaling coefficients"),
         (lambda: cc.Schedule.magcache(0.1, 2, [], num_steps=4), "magnitude ratios"),
         (lambda: cc.Schedule.magcache(0.1, 2, [1.0], retention_ratio=1.5, num_steps=4), r"in \[0, 1\]"),
     ],
@@ -88,6 +87,21 @@ def test_presets_are_data_that_round_trip():
 def test_bad_settings_fail_with_a_clear_error(build, match):
     with pytest.raises(ScheduleError, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "schedule, match",
+    [
+        (cc.Schedule.teacache(0.1, None, num_steps=STEPS), "no rescaling coefficients yet.*cc.calibrate"),
+        (cc.Schedule.magcache(0.1, 2, None, num_steps=STEPS), "no magnitude ratios yet.*cc.calibrate"),
+    ],
+)
+def test_an_uncalibrated_schedule_is_data_but_does_not_compile(dit, schedule, match):
+    assert cc.Schedule.loads(schedule.dumps()) == schedule
+    cached = cc.optimize(dit, schedule)
+    with pytest.raises(ScheduleError, match=match):
+        ddim_sample(cached, LABELS, **_sample_kwargs(dit))
+    assert not cached.is_captured
 
 
 def test_a_file_cannot_hold_what_a_preset_refuses():
@@ -307,3 +321,52 @@ def test_magcache_matches_diffusers(request):
     assert cached.decisions == ["full" if s in computed else "cached" for s in range(STEPS)]
     assert "cached" in cached.decisions and len(cached.step_graphs) == 2
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibrate_measures_magcache_ratios_as_diffusers_does(digits):
+    import ast
+    import contextlib
+    import io
+
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    kw = dict(class_labels=LABELS, null_class=DIGITS_CONFIG.null_class, sample_size=16, in_channels=1, num_steps=STEPS)
+    schedule = cc.calibrate(digits, cc.Schedule.magcache(0.05, 2, None, num_steps=STEPS), kw, num_samples=1)
+    m = copy.deepcopy(digits)
+    apply_mag_cache(m, MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # diffusers prints the ratios of a calibration run
+        ddim_sample(m, LABELS, **_sample_kwargs(digits))
+    theirs = ast.literal_eval([ln for ln in printed.getvalue().splitlines() if ln.startswith("[")][-1])
+    assert schedule.params["ratios"] == pytest.approx(theirs, abs=1e-6)
+    assert schedule.step_kinds().count("cached") >= 1  # the calibrated schedule resolves
+
+
+def test_calibrate_fits_teacache_on_what_the_policy_reads(digits):
+    import numpy as np
+
+    kw = dict(class_labels=LABELS, null_class=DIGITS_CONFIG.null_class, sample_size=16, in_channels=1, num_steps=STEPS)
+    schedule, measured = cc.calibrate(digits, cc.Schedule.teacache(0.1, None, num_steps=STEPS), kw, num_samples=1, report=True)
+    # independently: block 0's attention input and the model output of an uncached run
+    seen = {"m": [], "y": []}
+    m = copy.deepcopy(digits)
+    m.transformer_blocks[0].attn1.register_forward_pre_hook(lambda mod, args, kwargs: seen["m"].append(args[0]), with_kwargs=True)
+
+    def model(**call):
+        out = m(**call)
+        seen["y"].append(out[0])
+        return out
+
+    model.parameters = m.parameters
+    ddim_sample(model, LABELS, **_sample_kwargs(digits))
+    rel = lambda a, b: ((a - b).abs().mean() / b.abs().mean()).item()  # noqa: E731
+    xs = [rel(c, p) for p, c in zip(seen["m"], seen["m"][1:])]
+    ys = [rel(c, p) for p, c in zip(seen["y"], seen["y"][1:])]
+    assert measured["input_change"] == pytest.approx(xs, abs=1e-6)
+    assert measured["output_change"] == pytest.approx(ys, abs=1e-6)
+    assert schedule.params["coefficients"] == pytest.approx(list(np.polyfit(xs, ys, 4)), rel=1e-4)
+    cached, _ = _run(digits, schedule)
+    assert "cached" in cached.decisions

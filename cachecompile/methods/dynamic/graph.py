@@ -47,7 +47,7 @@ from cachecompile.passes.cache_io import add_cache_input, add_cache_output
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dynamic_reuse", "threshold_for"]
+__all__ = ["dynamic_reuse", "modulated_input", "threshold_for"]
 
 aten = torch.ops.aten
 STATE_SIZE = {"dbcache": 2, "teacache": 1}
@@ -115,7 +115,7 @@ def _block_output(gm: torch.fx.GraphModule, regions: RegionMap, i: int) -> torch
     return _nodes(gm)[region.outputs[0]]
 
 
-def _modulated_input(gm: torch.fx.GraphModule, regions: RegionMap) -> torch.fx.Node:
+def modulated_input(gm: torch.fx.GraphModule, regions: RegionMap) -> torch.fx.Node:
     """Block 0's timestep-modulated input: the input of its attention branch shaped like the
     attention's (first) output."""
     if "blocks.0.attn" not in regions:
@@ -172,7 +172,7 @@ def _segment(
         members = {nodes[k] for k in names}
         source = seg_in
     else:
-        seg_in, seg_out, source = h0, stack_out, _modulated_input(gm, regions)
+        seg_in, seg_out, source = h0, stack_out, modulated_input(gm, regions)
         stack = {nodes[k] for k in regions["stack"].nodes}
         members = stack - _ancestors(source, stack)
     order = [x for x in gm.graph.nodes if x in members and x.op == "call_function" and not _is_assert(x)]

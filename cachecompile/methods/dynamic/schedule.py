@@ -71,6 +71,8 @@ __all__ = [
     "STATE_SLOT",
     "TEACACHE_COEFFICIENTS",
     "magcache_steps",
+    "step_action",
+    "step_kind",
     "teacache_coefficients",
 ]
 
@@ -206,12 +208,8 @@ def _teacache_check(s: Schedule) -> dict[str, Any]:
     _no_compensation(s)
     p = check_params(s, threshold=..., coefficients=..., warmup_steps=1, compute_last_step=True)
     p["threshold"] = _number("threshold", p["threshold"])
-    if p["coefficients"] is None:
-        raise ScheduleError(
-            "TeaCache needs its rescaling coefficients: a model class with published ones "
-            f"({sorted(TEACACHE_COEFFICIENTS)}), a list of numbers, or fit them with cc.calibrate"
-        )
-    p["coefficients"] = list(teacache_coefficients(p["coefficients"]))
+    if p["coefficients"] is not None:  # None: to be fitted by cc.calibrate (refused when resolved)
+        p["coefficients"] = list(teacache_coefficients(p["coefficients"]))
     p["warmup_steps"] = check_int("warmup_steps", p["warmup_steps"], minimum=1)
     if not isinstance(p["compute_last_step"], bool):
         raise ScheduleError(f"compute_last_step must be True or False, got {p['compute_last_step']!r}")
@@ -225,11 +223,13 @@ def _magcache_check(s: Schedule) -> dict[str, Any]:
     ratios = p["ratios"]
     if hasattr(ratios, "tolist"):
         ratios = ratios.tolist()
-    if not isinstance(ratios, (list, tuple)) or not ratios:
-        raise ScheduleError(
-            f"MagCache needs its per-step magnitude ratios (a non-empty list, from cc.calibrate), got {ratios!r:.80}"
-        )
-    p["ratios"] = [_number(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
+    if ratios is not None:  # None: to be measured by cc.calibrate (refused when resolved)
+        if not isinstance(ratios, (list, tuple)) or not ratios:
+            raise ScheduleError(
+                f"MagCache needs its per-step magnitude ratios (a non-empty list, from cc.calibrate), got {ratios!r:.80}"
+            )
+        ratios = [_number(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
+    p["ratios"] = ratios
     p["max_skip_steps"] = check_int("max_skip_steps", p["max_skip_steps"], minimum=0)
     p["retention_ratio"] = _number("retention_ratio", p["retention_ratio"])
     if p["retention_ratio"] > 1:
@@ -253,18 +253,34 @@ def _decide(s: Schedule) -> Decide:
             max_cached=-1 if p["max_cached_steps"] is None else p["max_cached_steps"],
             max_run=-1 if p["max_continuous_cached_steps"] is None else p["max_continuous_cached_steps"],
         )
+    if p["coefficients"] is None:
+        raise ScheduleError(
+            "this TeaCache schedule has no rescaling coefficients yet: fit them for the model with "
+            "cc.calibrate(model, schedule, sample_inputs), or give a model class with published ones "
+            f"({sorted(TEACACHE_COEFFICIENTS)}) or a list of numbers"
+        )
     return Decide(policy="teacache", first=0, last=0, threshold=p["threshold"], coefficients=tuple(p["coefficients"]))
 
 
-def step_action(s: Schedule, step: int, num_steps: int) -> dict[str, Action]:
-    """The ``{region: action}`` of ``step`` in a generation of ``num_steps`` steps: the rule is a
-    function of the step index (and, for TeaCache's full last step, of the length), so a
-    schedule bound to any length resolves the same way."""
-    decide = _decide(s)
+def step_kind(s: Schedule, step: int, num_steps: int) -> str:
+    """``record`` (full, keeps the state), ``full`` or ``dynamic`` for ``step`` of a generation of
+    ``num_steps`` steps: a function of the step index (and, for TeaCache's full last step, of the
+    length), so a schedule bound to any length resolves the same way."""
     if step < full_steps_at_start(s):
-        return {"stack": Record(policy=decide.policy, first=decide.first, last=decide.last)}
+        return "record"
     if s.method == "teacache" and s.params["compute_last_step"] and step == num_steps - 1:
+        return "full"
+    return "dynamic"
+
+
+def step_action(s: Schedule, step: int, num_steps: int) -> dict[str, Action]:
+    """The ``{region: action}`` of ``step`` in a generation of ``num_steps`` steps."""
+    kind = step_kind(s, step, num_steps)
+    if kind == "full":
         return {}
+    decide = _decide(s)
+    if kind == "record":
+        return {"stack": Record(policy=decide.policy, first=decide.first, last=decide.last)}
     return {"stack": decide}
 
 
@@ -274,7 +290,7 @@ def _dynamic_rules(s: Schedule, layout: Layout) -> list[dict[str, Action]]:
 
 def _dynamic_label(s: Schedule, step: int) -> str:
     """``dynamic`` where the graph decides (its decision is in ``cached.decisions`` after a run)."""
-    return "dynamic" if isinstance(step_action(s, step, s.num_steps).get("stack"), Decide) else "full"
+    return "dynamic" if step_kind(s, step, s.num_steps) == "dynamic" else "full"
 
 
 def magcache_steps(ratios: Sequence[float], num_steps: int, threshold: float, max_skip_steps: int, retention_ratio: float) -> list[bool]:
@@ -316,6 +332,11 @@ def magcache_steps(ratios: Sequence[float], num_steps: int, threshold: float, ma
 
 def _magcache_reused(s: Schedule) -> list[bool]:
     p = s.params
+    if p["ratios"] is None:
+        raise ScheduleError(
+            "this MagCache schedule has no magnitude ratios yet: measure them for the model with "
+            "cc.calibrate(model, schedule, sample_inputs)"
+        )
     return magcache_steps(p["ratios"], s.num_steps, p["threshold"], p["max_skip_steps"], p["retention_ratio"])
 
 
@@ -325,4 +346,10 @@ def _magcache_rules(s: Schedule, layout: Layout) -> list[dict[str, Action]]:
 
 register_method(Method("dbcache", _dynamic_rules, _dbcache_check, _dynamic_label))
 register_method(Method("teacache", _dynamic_rules, _teacache_check, _dynamic_label))
-register_method(Method("magcache", _magcache_rules, _magcache_check, lambda s, step: "cached" if _magcache_reused(s)[step] else "full"))
+def _magcache_label(s: Schedule, step: int) -> str:
+    if s.params["ratios"] is None:
+        return "uncalibrated"
+    return "cached" if _magcache_reused(s)[step] else "full"
+
+
+register_method(Method("magcache", _magcache_rules, _magcache_check, _magcache_label))
