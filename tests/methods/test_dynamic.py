@@ -370,3 +370,18 @@ def test_calibrate_fits_teacache_on_what_the_policy_reads(digits):
     assert schedule.params["coefficients"] == pytest.approx(list(np.polyfit(xs, ys, 4)), rel=1e-4)
     cached, _ = _run(digits, schedule)
     assert "cached" in cached.decisions
+
+
+def test_flops_are_counted_on_the_branch_taken(dit):
+    """torch's FlopCounterMode counts the larger branch of a cond and returns the true branch's
+    output whatever the predicate; the bench's counter counts (and returns) the branch taken."""
+    from cachecompile.tools.measure import PerStep
+
+    schedule = cc.Schedule.dbcache(0.3, compute_first=1, compute_last=1, warmup_steps=2, num_steps=STEPS)
+    cached, (expected,) = _run(dit, schedule)
+    counted = PerStep(cached, dit, flops=True)
+    got = ddim_sample(counted, LABELS, **_sample_kwargs(dit))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # a counted run computes what an uncounted one does
+    full = max(counted.values)
+    assert ["full" if v == full else "cached" for v in counted.values] == cached.decisions
+    assert 0 < min(counted.values) < full

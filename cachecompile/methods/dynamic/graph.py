@@ -304,7 +304,7 @@ def _branch(
     """``cond(reuse, residual + seg_in, segment(...))`` and its output node."""
     members = set(order)
     operands: list[torch.fx.Node] = []
-    for n in order:
+    for n in order:  # weights too: export lifts a branch's inputs, not attributes it reads
         operands += [a for a in n.all_input_nodes if a not in members and a not in operands]
     operands += [x for x in (seg_in, residual) if x not in operands]
     bad = [a.name for a in operands if not isinstance(a.meta.get("val"), torch.Tensor)]
