@@ -385,3 +385,25 @@ def test_flops_are_counted_on_the_branch_taken(dit):
     full = max(counted.values)
     assert ["full" if v == full else "cached" for v in counted.values] == cached.decisions
     assert 0 < min(counted.values) < full
+
+
+def test_a_dynamic_schedule_is_a_drop_in_for_dit_pipeline():
+    """In a diffusers pipeline (tiny random components): threshold 1 reuses at every step after
+    the warm-up (cache-dit's rule), so the decisions are known; two identical generations give
+    identical images (no state leaks), and the image differs from the uncached one."""
+    pytest.importorskip("transformers")
+    from diffusers import DiTPipeline
+
+    from tests.pipelines._components import dit_components, images
+
+    steps = 5
+    pipe = DiTPipeline(**dit_components())
+    pipe.set_progress_bar_config(disable=True)
+    args = lambda: dict(class_labels=[1, 3], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),  # noqa: E731
+                        output_type="np")
+    uncached = images(pipe, args())
+    cc.optimize(pipe, cc.Schedule.dbcache(1.0, warmup_steps=2, num_steps=steps))
+    first, second = images(pipe, args()), images(pipe, args())
+    assert pipe.transformer.decisions == ["full", "full", "cached", "cached", "cached"]
+    assert (first - second).abs().max() == 0
+    assert (first - uncached).abs().max() > 1e-4
