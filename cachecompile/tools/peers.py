@@ -253,7 +253,7 @@ def _diffusers_peer(
     label: str,
     step_kinds: list[str] | None,
     notes: list[str],
-    record_computed: bool = False,
+    leader_hook: str | None = None,
 ) -> PeerModel:
     version = _version("diffusers")
     try:
@@ -265,9 +265,7 @@ def _diffusers_peer(
     m = copy.deepcopy(model)
     now = {"t": 0, "step": 0}
     apply(m, lambda: now["t"])
-    computed: list[int] = []  # steps where the last block's MLP ran (the dynamic peers' decisions)
-    if record_computed:
-        m.transformer_blocks[-1].ff.register_forward_hook(lambda *_: computed.append(now["step"]))
+    computed: list[int] = []  # steps whose blocks ran: the dynamic peers' decisions, from their hooks' state
 
     def before(step: int, kwargs: dict) -> None:
         # DiTTransformer2DModel has no CacheMixin (no enable_cache/cache_context): what a
@@ -281,13 +279,17 @@ def _diffusers_peer(
         _set_cache_context(m, CacheContext("cond", step_index=step, num_inference_steps=num_steps, timestep=now["t"]))
 
     def after() -> None:
+        if leader_hook is not None:  # read outside any compiled region, before the context is cleared
+            hook = HookRegistry.check_if_exists_or_initialize(m.transformer_blocks[0]).get_hook(leader_hook)
+            if hook.state_manager.get_state().should_compute:
+                computed.append(now["step"])
         _set_cache_context(m, None)
 
     mixin = "has CacheMixin" if hasattr(model, "enable_cache") else "no CacheMixin: hooks applied with diffusers.hooks.apply_* and the cache context set by hand"
     return PeerModel(
         name, m, num_steps, label=f"diffusers {version} {label}", step_kinds=step_kinds,
         before_call=before, after_call=after, notes=[mixin, *notes],
-        info=(lambda: {"computed_steps": sorted(set(computed))}) if record_computed else None,
+        info=(lambda: {"computed_steps": sorted(set(computed))}) if leader_hook is not None else None,
     )
 
 
@@ -297,7 +299,7 @@ def _build_fbc(model: torch.nn.Module, *, num_steps: int, settings: dict | None 
     threshold = 0.05 if settings is None else settings["threshold"]
     return _diffusers_peer(
         "fbc", model, num_steps, lambda m, t: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=threshold)),
-        label=f"first-block cache (threshold {threshold:g})", step_kinds=None, record_computed=True,
+        label=f"first-block cache (threshold {threshold:g})", step_kinds=None, leader_hook="fbc_leader_block_hook",
         notes=["skip decision per step from a .item() on the first block's residual: graph breaks under torch.compile"],
     )
 
@@ -358,7 +360,7 @@ def _build_magcache(
                          retention_ratio=retention)
     return _diffusers_peer(
         "magcache", model, num_steps, lambda m, t: apply_mag_cache(m, cfg),
-        label=f"MagCache (threshold {threshold:g}, K={k})", step_kinds=None, record_computed=True,
+        label=f"MagCache (threshold {threshold:g}, K={k})", step_kinds=None, leader_hook="mag_cache_leader_block_hook",
         notes=["needs per-model magnitude ratios: calibrated here by one uncached run (calibrate=True)",
                "skip decision is Python (torch.compiler.disable on every block hook): graph breaks under torch.compile"],
     )
