@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 from cachecompile.api import optimize
 from cachecompile.core.schedule import Schedule, ScheduleError
 from cachecompile.methods.compensation import EOC, GOC, Taylor
+from cachecompile.methods.dynamic.calibrate import CALIBRATED as CALIBRATED_DYNAMIC, calibrate_dynamic
 from cachecompile.passes import copy_graph_module
 from cachecompile.passes.cache_io import add_cache_output
 from cachecompile.passes.capture import capture
@@ -347,7 +348,9 @@ def calibrate(
     report: bool = False,
 ) -> Any:
     """Calibrate ``compensation`` for ``model`` under ``schedule``; returns the schedule with the
-    calibrated compensation inside (save it: calibration runs once per model).
+    calibrated compensation inside (save it: calibration runs once per model). For a TeaCache or
+    MagCache schedule, fits its rescaling coefficients or measures its magnitude ratios instead
+    (:mod:`cachecompile.methods.dynamic.calibrate`); ``report=True`` then returns what was measured.
 
     Args:
         sample_inputs: a callable ``fn(model, i)`` that runs generation ``i`` with ``model`` as the
@@ -366,6 +369,23 @@ def calibrate(
     >>> s = cc.calibrate(model, cc.Schedule.fora(20, 4), dict(class_labels=torch.arange(2), null_class=10,
     ...     sample_size=16, in_channels=1), num_samples=2, compensation="eoc")  # doctest: +SKIP
     """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a cachecompile.Schedule, got {type(schedule).__name__}")
+    if not schedule.is_bound:
+        raise ScheduleError(
+            "calibration measures per-step values for one number of steps: give the schedule num_steps= "
+            "(the pipeline's num_inference_steps), e.g. schedule.bind(50)"
+        )
+    if schedule.method in CALIBRATED_DYNAMIC:  # TeaCache coefficients, MagCache ratios
+        if compensation is not None:
+            raise ValueError(f"a {schedule.method} schedule takes no compensation; drop compensation=")
+        if isinstance(model, CachedTransformer):
+            model = model.model
+        fitted, measured = calibrate_dynamic(
+            model, schedule, _sampler(sample_inputs, schedule.num_steps), num_samples,
+            calls_per_step=calls_per_step, regions=regions,
+        )
+        return (fitted, measured) if report else fitted
     comp = as_compensation(compensation, schedule)
     cal = measure(model, schedule, sample_inputs, num_samples, calls_per_step=calls_per_step, regions=regions, prior=prior)
     out = cal.apply(schedule, comp, cos_threshold=cos_threshold, error_threshold=error_threshold)

@@ -120,13 +120,14 @@ class InductorBackend:
         graph_output_nodes(gm)
         inputs, _ = graph_signature(gm, example_inputs)
         batched = _mark_batch_dynamic(gm, example_inputs)
+        compile_mode, compile_options = _with_guard_filter(gm, mode, options)
         compiled = torch.compile(
             gm,
             backend="inductor",
             fullgraph=True,
-            mode=mode,
+            mode=compile_mode,
             dynamic=None if batched and dynamic is False else dynamic,
-            options=options,
+            options=compile_options,
             recompile_limit=max(1, batch_compiles) if batched else 1,
             isolate_recompiles=True,
         )
@@ -160,6 +161,28 @@ def _mark_batch_dynamic(gm: GraphModule, example_inputs: Sequence[Tensor]) -> bo
             torch._dynamo.maybe_mark_dynamic(example, dims)  # the batch dims of all inputs are one size
             marked = True
     return marked
+
+
+def _with_guard_filter(gm: GraphModule, mode: str | None, options: dict[str, Any] | None) -> tuple[str | None, Any]:
+    """``(mode, options)`` for ``torch.compile``. Tracing a ``torch.cond`` (the dynamic schedules'
+    branch) flattens its operands with ``torch.utils._pytree``, and Dynamo then guards on the
+    registry of pytree node types: any library that registers a type later (diffusers' and
+    cache-dit's hooks do) would fail that guard and force a recompile, which this backend refuses.
+    The operands are a tuple of tensors, whose flattening no new node type changes, so for graphs
+    with a ``cond`` that guard is dropped (``guard_filter_fn``; a mode is passed as its options,
+    since torch.compile takes a mode or options, not both)."""
+    if not any(n.target is torch.ops.higher_order.cond for n in gm.graph.nodes):
+        return mode, options
+    from torch._inductor import list_mode_options
+
+    merged = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
+    merged.update(options or {})
+    merged["guard_filter_fn"] = _skip_pytree_registry_guards
+    return None, merged
+
+
+def _skip_pytree_registry_guards(entries: Sequence[Any]) -> list[bool]:
+    return [not ("SUPPORTED_NODES" in str(e.name) or "SUPPORTED_NODES" in str(e.orig_guard.source)) for e in entries]
 
 
 def _contiguous(t: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import StepPlan
 from cachecompile.methods.compensation.graph import compensate
 from cachecompile.methods.dual import partial_tokens, record_token_state, sink_token_scatters, stack_reuse
+from cachecompile.methods.dynamic import dynamic_reuse
 from cachecompile.passes import copy_graph_module
 from cachecompile.passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
 from cachecompile.passes.cse import merge_common_subexpressions
@@ -35,6 +36,7 @@ STEP_PASSES: list[Pass] = [
     record_token_state,  # before partial_tokens: a partial step may score by state recorded this step
     partial_tokens,
     stack_reuse,
+    dynamic_reuse,  # before dead code removal and CSE: the skipped blocks move into a torch.cond branch
     remove_noop_squeezes,  # torch.onnx exports them as Squeezes that ONNX Runtime rejects
     lambda gm, regions, plan: remove_dead_code(gm),
     narrow_chunked_linears,  # after dead code removal: only the chunks still read are computed

@@ -22,9 +22,14 @@ from cachecompile.core.errors import InputMismatchError
 from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import Schedule, StepPlan
 
-__all__ = ["StepIO", "InputLeaf", "CallSpec", "StepProgram", "ProgramBuilder", "Runner", "timestep_index"]
+__all__ = ["StepIO", "InputLeaf", "CallSpec", "StepProgram", "ProgramBuilder", "Runner", "timestep_index", "DECISION_SLOT"]
 
 Runner = Callable[..., Sequence[torch.Tensor]]
+
+# A cache output that no step reads but the runtime keeps, per call, as it is (a device tensor,
+# never read back during a generation): a 0-d boolean, True when a dynamic step (DBCache,
+# TeaCache) reused instead of computing. ``cached.decisions`` reads them once, when asked.
+DECISION_SLOT = "dynamic.decision"
 
 
 @dataclass

@@ -298,7 +298,8 @@ _FIELDS = ("format", "num_steps", "method", "params", "mask", "steps", "compensa
 class Schedule:
     """A declarative cache schedule. Build one with a preset, never by hand.
 
-    Presets: :meth:`fora`, :meth:`toca`, :meth:`duca`, :meth:`from_mask`, :meth:`explicit`.
+    Presets: :meth:`fora`, :meth:`toca`, :meth:`duca`, :meth:`from_mask`, :meth:`explicit`, and the
+    dynamic policies :meth:`dbcache`, :meth:`teacache`, :meth:`magcache`.
     Save with :meth:`save`, read back with :meth:`load`; ``print(schedule)`` shows the
     step × block table. Every schedule, built by a preset or read from a file, is checked by
     its method (:class:`Method`), so a file cannot hold what a preset would refuse.
@@ -451,6 +452,70 @@ class Schedule:
         if self.num_steps is None:
             raise ScheduleError(f"{what} needs a number of steps: this schedule binds to each generation's; pass num_steps")
         return self
+
+    @classmethod
+    def dbcache(
+        cls,
+        threshold: float,
+        compute_first: int = 1,
+        compute_last: int = 0,
+        warmup_steps: int = 0,
+        max_cached_steps: int | None = None,
+        max_continuous_cached_steps: int | None = None,
+        *,
+        num_steps: int | None = None,
+    ) -> "Schedule":
+        """DBCache (cache-dit's ``DBCacheConfig``), decided in the step graph: the first
+        ``compute_first`` blocks always run; when the relative L1 change of their residual against
+        the last computed step's is below ``threshold``, the middle blocks are reused as their
+        cached residual; the last ``compute_last`` blocks always run. ``compute_first=1,
+        compute_last=0`` is diffusers' First-Block Cache. See :mod:`cachecompile.methods.dynamic`.
+
+        >>> Schedule.dbcache(0.1, warmup_steps=2, num_steps=4).step_kinds()
+        ['full', 'full', 'dynamic', 'dynamic']
+        """
+        params = {
+            "threshold": threshold, "compute_first": compute_first, "compute_last": compute_last,
+            "warmup_steps": warmup_steps, "max_cached_steps": max_cached_steps,
+            "max_continuous_cached_steps": max_continuous_cached_steps,
+        }
+        return cls(num_steps=num_steps, method="dbcache", params=params)
+
+    @classmethod
+    def teacache(
+        cls, threshold: float, coefficients: Any, *, warmup_steps: int = 1, compute_last_step: bool = True,
+        num_steps: int | None = None,
+    ) -> "Schedule":
+        """TeaCache, decided in the step graph: the rescaled relative L1 change of block 0's
+        timestep-modulated input is accumulated; below ``threshold`` the whole block stack is
+        reused as its cached residual. ``coefficients``: the rescaling polynomial (highest degree
+        first) or a model class with published ones (``"FluxTransformer2DModel"``); fit your own
+        with ``cc.calibrate``. See :mod:`cachecompile.methods.dynamic`.
+
+        >>> Schedule.teacache(0.3, [1.0, 0.0], num_steps=4).step_kinds()
+        ['full', 'dynamic', 'dynamic', 'full']
+        """
+        params = {"threshold": threshold, "coefficients": coefficients, "warmup_steps": warmup_steps,
+                  "compute_last_step": compute_last_step}
+        return cls(num_steps=num_steps, method="teacache", params=params)
+
+    @classmethod
+    def magcache(
+        cls, threshold: float, max_skip_steps: int, ratios: Any, *, retention_ratio: float = 0.2,
+        num_steps: int | None = None,
+    ) -> "Schedule":
+        """MagCache (diffusers' ``MagCacheConfig`` rule) from calibrated per-step magnitude
+        ``ratios`` (``cc.calibrate``): reuse the stack's residual while the accumulated error
+        stays at most ``threshold`` and at most ``max_skip_steps`` steps are skipped in a row.
+        The rule reads no value of the step, so it is resolved with the schedule's length.
+        See :mod:`cachecompile.methods.dynamic`.
+
+        >>> Schedule.magcache(0.05, 2, [1.0, 1.0, 0.99, 0.98], retention_ratio=0.0, num_steps=4).step_kinds()
+        ['full', 'cached', 'cached', 'full']
+        """
+        params = {"threshold": threshold, "max_skip_steps": max_skip_steps, "ratios": ratios,
+                  "retention_ratio": retention_ratio}
+        return cls(num_steps=num_steps, method="magcache", params=params)
 
     # ----------------------------------------------------------------- resolution
     def rules(self, layout: Layout) -> list[dict[str, Action]]:

@@ -4,7 +4,9 @@ graphs take as inputs.
 
 * :mod:`~cachecompile.methods.reuse` — FORA, masks, explicit actions (plain cache reads/writes);
 * :mod:`~cachecompile.methods.dual` — ToCa and DuCa (token-wise partial recompute, stack reuse);
-* :mod:`~cachecompile.methods.compensation` — GOC, EOC and Taylor forecasts.
+* :mod:`~cachecompile.methods.compensation` — GOC, EOC and Taylor forecasts;
+* :mod:`~cachecompile.methods.dynamic` — DBCache / First-Block Cache and TeaCache (decided in the
+  graph), MagCache.
 
 Importing this package registers them all (``import cachecompile`` does).
 """
@@ -17,9 +19,9 @@ import torch
 
 from cachecompile.core.errors import ScheduleError
 from cachecompile.core.schedule import Schedule, StepPlan
-from cachecompile.methods import compensation, dual, reuse
+from cachecompile.methods import compensation, dual, dynamic, reuse
 
-__all__ = ["compensation", "dual", "reuse", "step_values"]
+__all__ = ["compensation", "dual", "dynamic", "reuse", "step_values"]
 
 
 def step_values(

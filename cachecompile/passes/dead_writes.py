@@ -15,7 +15,9 @@ empty cache). A graph drops a write only where it is dead at every step it serve
 dropped outputs' producers then go with dead code removal, and a cache input that fed only
 them goes too, which can make more writes dead: the pass repeats until nothing changes.
 Results are unchanged by construction (a value no step reads cannot change an output); what
-changes is the memory the store keeps and what the graphs materialise.
+changes is the memory the store keeps and what the graphs materialise. The runtime itself reads
+:data:`~cachecompile.core.program.DECISION_SLOT` (a dynamic step's decision), so that write is
+never dead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.fx
 
 from cachecompile.passes import counters
 from cachecompile.passes.cache_io import cache_io
-from cachecompile.core.program import StepIO
+from cachecompile.core.program import DECISION_SLOT, StepIO
 from cachecompile.passes.dce import tidy
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def dead_cache_writes(ios: Sequence[StepIO], graph_of_step: Sequence[int]) -> li
                     break
                 if slot in writes[later]:
                     break
-    return [w - l for w, l in zip(writes, live)]
+    return [w - l - {DECISION_SLOT} for w, l in zip(writes, live)]
 
 
 def _drop(gm: torch.fx.GraphModule, slots: set[str]) -> None:

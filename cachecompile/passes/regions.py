@@ -76,6 +76,8 @@ def _is_alias_of_outside(node: torch.fx.Node, call: _Call) -> bool:
 def _module_calls(graph: torch.fx.Graph) -> dict[str, _Call]:
     calls: dict[str, _Call] = {}
     for node in graph.nodes:
+        if isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            continue  # size arithmetic on the dynamic batch belongs to no call: it is not computed work
         stack = node.meta.get("nn_module_stack") or {}
         for key, value in stack.items():
             path = normalize_path(value[0] if isinstance(value, tuple) else str(value))

@@ -25,6 +25,7 @@ from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import Schedule, StepPlan
 from cachecompile.runtime.artifact import load_program
 from cachecompile.runtime.cache_store import CacheStore
+from cachecompile.runtime.decisions import DecisionLog
 from cachecompile.runtime.steps import StepClock, timestep_value
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class CachedTransformer(HoldsModel):
         self._generation: tuple[int, int | None] | None = None  # (thread, batch) of the running generation
         self._last_length: int | None = None  # the length of the last open-ended generation
         self._steps_run = 0  # steps the running generation has run
+        self._decisions = DecisionLog()  # dynamic steps' decision flags, kept on device (runtime.decisions)
         if program is not None:
             self._store.in_place = program.reuses_outputs
 
@@ -236,6 +238,21 @@ class CachedTransformer(HoldsModel):
         """Transformer calls per sampling step: declared, or detected (``"auto"`` before step 1)."""
         clock = self._clock
         return clock.calls_per_step or clock.detected or clock.declared
+
+    @property
+    def decisions(self) -> list[str]:
+        """What each step of the generation in progress, or else of the last generation, did:
+        ``"full"`` or ``"cached"`` as decided in the graph by a dynamic schedule (DBCache,
+        TeaCache), the schedule's own label for steps it fixes (warm-up, FORA ...). The flags stay
+        on the device during the generation and are read here, once.
+
+        >>> cached.decisions        # doctest: +SKIP
+        ['full', 'full', 'cached', 'cached', 'full', ...]
+        """
+        if self._program is None:  # nothing ran yet
+            return []
+        kinds = self._program.schedule.step_kinds()  # bound to the generation's length
+        return self._decisions.labels(lambda step: kinds[step] if step < len(kinds) else "full")
 
     @property
     def cache_bytes(self) -> int:
@@ -306,6 +323,7 @@ class CachedTransformer(HoldsModel):
         """Start a new generation: the next call is step 0 and the cache is emptied."""
         self._clock.reset()
         self._store.clear()
+        self._decisions.clear()
         self._generation = None
 
     def _reset_stateful_cache(self) -> None:
@@ -315,6 +333,7 @@ class CachedTransformer(HoldsModel):
         self._end_open_generation()
         self._clock.reset()
         self._store.new_generation()
+        self._decisions.end_generation()
         self._generation = None
 
     def begin_generation(self, num_steps: int | None = None) -> None:
@@ -336,6 +355,7 @@ class CachedTransformer(HoldsModel):
         self._clock.begin_generation(num_steps)
         self._store.new_generation()
         self._generation = None
+        self._decisions.end_generation()
 
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
@@ -382,14 +402,17 @@ class CachedTransformer(HoldsModel):
         outs = program.runners[idx](*tensors, *cache_in, *step_in)
         n = program.call.num_outputs
         self._store.write_all(call, zip(io.cache_outputs, outs[n:]), caller=(*tensors, *outs[:n]))
+        self._decisions.record(step, call, io.cache_outputs, outs[n:], copy=program.reuses_outputs)
         self._steps_run = step + 1
         if self._clock.advance(pos, t, self._context):
             self._store.new_generation()  # the next call starts a new generation
+            self._decisions.end_generation()
             self._generation = None
         return pytree.tree_unflatten(list(outs[:n]), program.call.out_spec)
 
     def _start(self, args: tuple, kwargs: dict) -> StepProgram:
         """The program of a generation that starts with this call."""
+        self._decisions.end_generation()  # an open-ended one ends only when the next starts
         if self._builder is None:  # a loaded artifact: one program, for its call and length
             program = self._program
             assert program is not None
@@ -455,6 +478,7 @@ class CachedTransformer(HoldsModel):
         state["_builder"] = self._builder.copy_without_captures()
         state["_clock"] = StepClock(self.schedule.num_steps, self._clock.declared)
         state["_fingerprint"] = None
+        state["_decisions"] = DecisionLog()
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -1,5 +1,6 @@
-"""``python -m cachecompile calibrate``: calibrate GOC / EOC on the uncached model and write the
-schedule file (see :func:`cachecompile.calibrate`)."""
+"""``python -m cachecompile calibrate``: calibrate GOC / EOC (or fit TeaCache's coefficients,
+measure MagCache's ratios) on the uncached model and write the schedule file (see
+:func:`cachecompile.calibrate`)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ def calibrate_main(args: argparse.Namespace) -> int:
         schedule = Schedule.load(args.schedule)
     else:
         schedule = parse_schedule(args.schedule, args.steps)
+    labels = torch.arange(args.batch) % bm.num_classes
+    inputs = dict(class_labels=labels, guidance_scale=args.cfg, null_class=bm.null_class,
+                  sample_size=bm.sample_size, in_channels=bm.in_channels)
+    if schedule.method in ("teacache", "magcache"):  # teacache:T / magcache:T[:K]: their numbers, measured
+        out, measured = calibrate(bm.model, schedule, inputs, args.samples, report=True)
+        out.save(args.out)
+        print(f"{out!r}\nwrote {args.out}")
+        return 0
     try:
         comp = as_compensation(args.compensation, schedule)
     except ValueError as e:
@@ -49,9 +58,6 @@ def calibrate_main(args: argparse.Namespace) -> int:
     settings = {"weight": args.weight, "queue": args.queue, "theta": args.theta, "order": args.order}
     fields = {f.name for f in dataclasses.fields(comp)}
     comp = dataclasses.replace(comp, **{k: v for k, v in settings.items() if v is not None and k in fields})
-    labels = torch.arange(args.batch) % bm.num_classes
-    inputs = dict(class_labels=labels, guidance_scale=args.cfg, null_class=bm.null_class,
-                  sample_size=bm.sample_size, in_channels=bm.in_channels)
     weights = [float(w) for w in args.search_weights.split(",")] if args.search_weights else None
     out, cal = calibrate(
         bm.model, schedule, inputs, args.samples, compensation=comp, cos_threshold=args.cos_threshold,

@@ -30,17 +30,45 @@ def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
 
 
 def flop_counter() -> Any:
-    """``FlopCounterMode`` that also counts attention on CPU.
+    """``FlopCounterMode`` that also counts attention on CPU, and counts the branch a
+    ``torch.cond`` takes.
 
     torch 2.13's counter knows the CUDA attention kernels but not
     ``aten._scaled_dot_product_flash_attention_for_cpu``: without this mapping every attention
-    product (4·B·T²·d per block) is missing from the count on CPU.
+    product (4·B·T²·d per block) is missing from the count on CPU. For ``torch.cond`` (the dynamic
+    schedules' branch) it counts the larger of the two branches and returns the true branch's
+    output whatever the predicate; here the predicate is read and only the branch taken runs and
+    is counted, so a counted run computes what an uncounted one does.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter as F
 
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     mapping = {cpu_sdpa: _cpu_sdpa_flops} if cpu_sdpa is not None else {}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    inner = getattr(F, "_FlopCounterMode", None)
+    if inner is None:  # another torch: its own cond handling
+        return F.FlopCounterMode(display=False, custom_mapping=mapping)
+
+    class _TakenBranch(inner):  # type: ignore[misc, valid-type]
+        def _handle_higher_order_ops(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+            if func is torch.ops.higher_order.cond:
+                pred, true_fn, false_fn, operands = args
+                branch = true_fn if bool(pred) else false_fn
+                with self:
+                    # .forward: the counter's module tracker fails on a module called under
+                    # no_grad with a parameter among its arguments (a step graph passes the
+                    # skipped blocks' weights into the branch as operands).
+                    return getattr(branch, "forward", branch)(*operands)
+            return super()._handle_higher_order_ops(func, types, args, kwargs)
+
+    class _Counter(F.FlopCounterMode):
+        def __enter__(self) -> "_Counter":
+            self.flop_counts.clear()
+            self.mod_tracker.__enter__()
+            self.mode = _TakenBranch(self)
+            self.mode.__enter__()
+            return self
+
+    return _Counter(display=False, custom_mapping=mapping)
 
 
 def sampling_flops(transformer: Any, class_labels: torch.Tensor, **sample_kwargs: Any) -> int:

@@ -10,11 +10,14 @@ Peers (optional, the ``bench`` extra installs cache-dit; diffusers ships the hoo
 
 =====================  =======================================================================
 ``cache-dit``          cache-dit ``DBCacheConfig`` with its dynamic residual-difference threshold
+                       (the settings of a ``dbcache`` schedule when given one: same decisions)
 ``cache-dit-mask``     cache-dit with a static ``steps_computation_mask`` equal to our schedule's
                        full steps (same compute mask as FORA)
-``fbc``                diffusers ``apply_first_block_cache``
+``fbc``                diffusers ``apply_first_block_cache`` (a First-Block-Cache ``dbcache``
+                       schedule's threshold when given one)
 ``taylorseer``         diffusers ``apply_taylorseer_cache`` on every ``attn1``/``ff``
 ``magcache``           diffusers ``apply_mag_cache``, calibrated in the bench by one uncached run
+                       (or a ``magcache`` schedule's ratios and settings)
 ``pab``                diffusers ``apply_pyramid_attention_broadcast`` on every ``attn1``
 =====================  =======================================================================
 
@@ -44,7 +47,7 @@ import torch
 
 from cachecompile.tools.measure import isolated_compile
 
-__all__ = ["PEERS", "PeerModel", "PeerUnavailable", "build_peer", "peer_names", "probe_export"]
+__all__ = ["PEERS", "PeerModel", "PeerUnavailable", "build_peer", "matches_schedule", "peer_names", "probe_export"]
 
 
 class PeerUnavailable(RuntimeError):
@@ -158,7 +161,9 @@ def _quiet_cache_dit():
 # --------------------------------------------------------------------------- cache-dit
 
 
-def _cache_dit(model: torch.nn.Module, num_steps: int, mask: list[int] | None, interval: int | None) -> PeerModel:
+def _cache_dit(
+    model: torch.nn.Module, num_steps: int, mask: list[int] | None, interval: int | None, settings: dict | None = None
+) -> PeerModel:
     version = _version("cache-dit")
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
     import cache_dit
@@ -174,7 +179,16 @@ def _cache_dit(model: torch.nn.Module, num_steps: int, mask: list[int] | None, i
         num_inference_steps=num_steps,  # refreshes the context after each generation
         enable_separate_cfg=False,  # CFG runs as one batched call
     )
-    if mask is None:
+    if settings is not None:  # a dbcache schedule's settings: the same policy
+        common.update(Fn_compute_blocks=settings["compute_first"], Bn_compute_blocks=settings["compute_last"])
+        limits = {k: -1 if settings.get(p) is None else settings[p] for k, p in
+                  (("max_cached_steps", "max_cached_steps"), ("max_continuous_cached_steps", "max_continuous_cached_steps"))}
+        cfg = DBCacheConfig(**common, max_warmup_steps=settings["warmup_steps"],
+                            residual_diff_threshold=settings["threshold"], **limits)
+        kinds = None
+        label = (f"cache-dit {version} DBCache F{settings['compute_first']}B{settings['compute_last']} "
+                 f"W{settings['warmup_steps']} dynamic (threshold {settings['threshold']:g})")
+    elif mask is None:
         cfg = DBCacheConfig(**common, max_warmup_steps=max(1, num_steps // 5), residual_diff_threshold=0.08)
         kinds = None
         label = f"cache-dit {version} DBCache F1B0 dynamic (threshold 0.08)"
@@ -213,8 +227,8 @@ def _cache_dit(model: torch.nn.Module, num_steps: int, mask: list[int] | None, i
     )
 
 
-def _build_cache_dit(model: torch.nn.Module, *, num_steps: int, **_: Any) -> PeerModel:
-    return _cache_dit(model, num_steps, None, None)
+def _build_cache_dit(model: torch.nn.Module, *, num_steps: int, settings: dict | None = None, **_: Any) -> PeerModel:
+    return _cache_dit(model, num_steps, None, None, settings)
 
 
 def _build_cache_dit_mask(
@@ -239,6 +253,7 @@ def _diffusers_peer(
     label: str,
     step_kinds: list[str] | None,
     notes: list[str],
+    leader_hook: str | None = None,
 ) -> PeerModel:
     version = _version("diffusers")
     try:
@@ -248,34 +263,43 @@ def _diffusers_peer(
         raise PeerUnavailable(f"diffusers {version} has no hooks cache-context API ({e})")
     _check_dit_blocks(model)
     m = copy.deepcopy(model)
-    now = {"t": 0}
+    now = {"t": 0, "step": 0}
     apply(m, lambda: now["t"])
+    computed: list[int] = []  # steps whose blocks ran: the dynamic peers' decisions, from their hooks' state
 
     def before(step: int, kwargs: dict) -> None:
         # DiTTransformer2DModel has no CacheMixin (no enable_cache/cache_context): what a
         # diffusers pipeline would do around the denoiser call is done here by hand.
+        now["step"] = step
         if step == 0:
+            computed.clear()
             HookRegistry.check_if_exists_or_initialize(m).reset_stateful_hooks(recurse=True)
         t = kwargs.get("timestep")
         now["t"] = int(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else int(t or 0)
         _set_cache_context(m, CacheContext("cond", step_index=step, num_inference_steps=num_steps, timestep=now["t"]))
 
     def after() -> None:
+        if leader_hook is not None:  # read outside any compiled region, before the context is cleared
+            hook = HookRegistry.check_if_exists_or_initialize(m.transformer_blocks[0]).get_hook(leader_hook)
+            if hook.state_manager.get_state().should_compute:
+                computed.append(now["step"])
         _set_cache_context(m, None)
 
     mixin = "has CacheMixin" if hasattr(model, "enable_cache") else "no CacheMixin: hooks applied with diffusers.hooks.apply_* and the cache context set by hand"
     return PeerModel(
         name, m, num_steps, label=f"diffusers {version} {label}", step_kinds=step_kinds,
         before_call=before, after_call=after, notes=[mixin, *notes],
+        info=(lambda: {"computed_steps": sorted(set(computed))}) if leader_hook is not None else None,
     )
 
 
-def _build_fbc(model: torch.nn.Module, *, num_steps: int, **_: Any) -> PeerModel:
+def _build_fbc(model: torch.nn.Module, *, num_steps: int, settings: dict | None = None, **_: Any) -> PeerModel:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
+    threshold = 0.05 if settings is None else settings["threshold"]
     return _diffusers_peer(
-        "fbc", model, num_steps, lambda m, t: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.05)),
-        label="first-block cache (threshold 0.05)", step_kinds=None,
+        "fbc", model, num_steps, lambda m, t: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=threshold)),
+        label=f"first-block cache (threshold {threshold:g})", step_kinds=None, leader_hook="fbc_leader_block_hook",
         notes=["skip decision per step from a .item() on the first block's residual: graph breaks under torch.compile"],
     )
 
@@ -323,14 +347,20 @@ def _build_pab(model: torch.nn.Module, *, num_steps: int, interval: int, **_: An
     )
 
 
-def _build_magcache(model: torch.nn.Module, *, num_steps: int, calibrate: Callable[[torch.nn.Module], None], **_: Any) -> PeerModel:
+def _build_magcache(
+    model: torch.nn.Module, *, num_steps: int, calibrate: Callable[[torch.nn.Module], None], settings: dict | None = None, **_: Any
+) -> PeerModel:
     from diffusers.hooks import MagCacheConfig, apply_mag_cache
 
-    ratios = _magcache_ratios(model, num_steps, calibrate)
-    cfg = MagCacheConfig(mag_ratios=ratios, num_inference_steps=num_steps, threshold=0.06, max_skip_steps=3, retention_ratio=0.2)
+    if settings is not None and settings.get("ratios") is not None:  # a magcache schedule's own ratios and settings
+        ratios, threshold, k, retention = settings["ratios"], settings["threshold"], settings["max_skip_steps"], settings["retention_ratio"]
+    else:
+        ratios, threshold, k, retention = _magcache_ratios(model, num_steps, calibrate), 0.06, 3, 0.2
+    cfg = MagCacheConfig(mag_ratios=list(ratios), num_inference_steps=num_steps, threshold=threshold, max_skip_steps=k,
+                         retention_ratio=retention)
     return _diffusers_peer(
         "magcache", model, num_steps, lambda m, t: apply_mag_cache(m, cfg),
-        label="MagCache (threshold 0.06, K=3)", step_kinds=None,
+        label=f"MagCache (threshold {threshold:g}, K={k})", step_kinds=None, leader_hook="mag_cache_leader_block_hook",
         notes=["needs per-model magnitude ratios: calibrated here by one uncached run (calibrate=True)",
                "skip decision is Python (torch.compiler.disable on every block hook): graph breaks under torch.compile"],
     )
@@ -367,6 +397,21 @@ PEERS: dict[str, PeerSpec] = {
 }
 
 
+def matches_schedule(name: str, schedule: Any) -> bool:
+    """Whether peer ``name`` runs the policy of ``schedule`` when given its params as ``settings``:
+    cache-dit any ``dbcache``; diffusers' FBC a First-Block-Cache ``dbcache`` (one block first,
+    none last, no warm-up, no limits); diffusers' MagCache a ``magcache``."""
+    p = schedule.params
+    if name == "cache-dit":
+        return schedule.method == "dbcache"
+    if name == "fbc":
+        return schedule.method == "dbcache" and (p["compute_first"], p["compute_last"], p["warmup_steps"]) == (1, 0, 0) and \
+            p["max_cached_steps"] is None and p["max_continuous_cached_steps"] is None
+    if name == "magcache":
+        return schedule.method == "magcache"
+    return False
+
+
 def peer_names() -> list[str]:
     return list(PEERS)
 
@@ -379,21 +424,24 @@ def build_peer(
     interval: int | None = None,
     mask: list[int] | None = None,
     calibrate: Callable[[torch.nn.Module], None] | None = None,
+    settings: dict | None = None,
 ) -> PeerModel:
     """A fresh peer on a deep copy of ``model`` (the model itself is never modified).
 
     ``interval`` configures the peers that follow a schedule (``PEERS[name].uses_interval``);
     ``mask`` (1 = full step) sets cache-dit's static ``steps_computation_mask`` directly;
-    ``calibrate(peer)`` runs one sampling run (MagCache calibrates with it).
+    ``calibrate(peer)`` runs one sampling run (MagCache calibrates with it); ``settings`` (a
+    dynamic schedule's params) configures the dynamic peers with that schedule's settings:
+    ``cache-dit`` and ``fbc`` from a ``dbcache`` schedule, ``magcache`` from a ``magcache`` one.
     """
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; known peers: {', '.join(PEERS)}")
     spec = PEERS[name]
     if spec.uses_interval and not interval and mask is None:
         raise ValueError(f"peer {name!r} follows a schedule: pass interval= (or mask= for cache-dit-mask)")
-    if name == "magcache" and calibrate is None:
-        raise ValueError("peer 'magcache' needs calibrate=fn(peer) that runs one sampling run")
-    return spec.build(model, num_steps=num_steps, interval=interval, mask=mask, calibrate=calibrate)
+    if name == "magcache" and calibrate is None and (settings is None or settings.get("ratios") is None):
+        raise ValueError("peer 'magcache' needs calibrate=fn(peer) that runs one sampling run, or settings with ratios")
+    return spec.build(model, num_steps=num_steps, interval=interval, mask=mask, calibrate=calibrate, settings=settings)
 
 
 def probe_export(peer: PeerModel, example_kwargs: dict) -> str:

@@ -20,7 +20,7 @@ import torch
 import cachecompile as cc
 from cachecompile.sampling import ddim_sample, first_call_kwargs
 from cachecompile.tools import quality as Q
-from cachecompile.tools.flops import flops_ratio
+from cachecompile.tools.flops import flops_ratio, sampling_flops
 from cachecompile.tools.specs import parse_schedule
 
 __all__ = ["DEFAULT_SCHEDULES", "run_quality_report", "quality_markdown"]
@@ -70,18 +70,39 @@ def run_quality_report(
 
     small = dict(num_steps=steps, guidance_scale=cfg, null_class=C.null_class, sample_size=C.sample_size,
                  in_channels=C.in_channels, seed=seed)
+    base_flops = None
     for spec in items:
-        schedule = parse_schedule(spec, steps, num_blocks)
+        schedule = _calibrated(model, parse_schedule(spec, steps, num_blocks), labels, small)
         cached = cc.optimize(model, schedule)
         with torch.no_grad():
             cached.prepare(**first_call_kwargs(model, labels, **small))  # capture + rewrite, untimed
             out, seconds = _generate(cached, labels, steps, cfg, seed)
-        ratio = flops_ratio(model, schedule, labels[:2], **small)
+        extra = {}
+        if "dynamic" in schedule.step_kinds():
+            # Decided per step from the whole batch: count the FLOPs of this very run (same labels
+            # and noise: the same decisions), not of a 2-sample stand-in.
+            with torch.no_grad():
+                base_flops = base_flops or sampling_flops(model, labels, **small)
+                ratio = base_flops / max(sampling_flops(cached, labels, **small), 1)
+            extra["cached_steps"] = cached.decisions.count("cached")
+        else:
+            ratio = flops_ratio(model, schedule, labels[:2], **small)
         rows.append({"schedule": spec, "speedup": base_seconds / seconds, "flops_ratio": ratio, "seconds": seconds,
-                     "step_graphs": len(cached.step_graphs), **Q.sample_metrics(out, labels, reference=reference)})
+                     "step_graphs": len(cached.step_graphs), **extra, **Q.sample_metrics(out, labels, reference=reference)})
         images[spec] = out
     return {"samples": samples, "steps": steps, "cfg": cfg, "seed": seed, "torch": torch.__version__,
             "rows": rows, "_images": images}
+
+
+def _calibrated(model: Any, schedule: cc.Schedule, labels: torch.Tensor, small: dict[str, Any]) -> cc.Schedule:
+    """A TeaCache / MagCache schedule without its numbers, calibrated on 8 samples of other noise
+    (seed + 1) than the report's."""
+    missing = {"teacache": "coefficients", "magcache": "ratios"}.get(schedule.method)
+    if missing is None or schedule.params[missing] is not None:
+        return schedule
+    kw = {**small, "class_labels": labels[:8], "seed": small["seed"] + 1}
+    with torch.no_grad():
+        return cc.calibrate(model, schedule, kw, num_samples=1)
 
 
 def quality_markdown(result: dict[str, Any]) -> str:

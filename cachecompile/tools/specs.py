@@ -7,6 +7,10 @@
     toca:INTERVAL[:RATIO[:SCORE]]          Schedule.toca (defaults 3, 0.3, v_norm)
     duca:INTERVAL[:RATIO[:SCORE[:MODE]]]   Schedule.duca (MODE output|residual)
     mask:deep-half                         odd steps reuse both branches of the deeper half of the blocks
+    dbcache:THRESHOLD[:FN[:BN[:WARMUP]]]   Schedule.dbcache (defaults 1, 0, 0: First-Block Cache)
+    fbc:THRESHOLD                          Schedule.dbcache(THRESHOLD), diffusers' First-Block Cache
+    teacache:THRESHOLD                     Schedule.teacache, coefficients to calibrate (cc.calibrate)
+    magcache:THRESHOLD[:MAX_SKIP]          Schedule.magcache (default 3), ratios to calibrate (cc.calibrate)
     BASE+goc | +taylor1 | +taylor2         with a compensation (GOC: computed queue, weight 0.5)
     FILE.json                              a saved schedule
 
@@ -14,6 +18,8 @@
 'residual'
 >>> parse_schedule("fora:4+taylor1", 12).compensation
 Taylor(order=1)
+>>> parse_schedule("dbcache:0.1:2:1:3", 12).params["compute_last"]
+1
 """
 
 from __future__ import annotations
@@ -69,6 +75,18 @@ def _base(spec: str, num_steps: int, num_blocks: int | None) -> cc.Schedule:
         if name == "toca":
             return cc.Schedule.toca(num_steps, interval, ratio, score)
         return cc.Schedule.duca(num_steps, interval, ratio, score, parts[3] if len(parts) > 3 and parts[3] else "output")
+    if name in ("dbcache", "fbc", "teacache", "magcache"):
+        parts = arg.split(":") if arg else []
+        limit = {"dbcache": 4, "fbc": 1, "teacache": 1, "magcache": 2}[name]
+        if not parts or not parts[0] or len(parts) > limit:
+            raise SpecError(f"{spec}: write {name}:threshold" + {"dbcache": "[:Fn[:Bn[:warmup]]]", "magcache": "[:max_skip]"}.get(name, ""))
+        threshold = _float(spec, parts[0])
+        if name == "teacache":
+            return cc.Schedule.teacache(threshold, None, num_steps=num_steps)
+        if name == "magcache":
+            return cc.Schedule.magcache(threshold, _int(spec, parts[1]) if len(parts) > 1 else 3, None, num_steps=num_steps)
+        ints = [_int(spec, p) for p in parts[1:]]
+        return cc.Schedule.dbcache(threshold, *ints, num_steps=num_steps)
     if spec == "mask:deep-half":
         if num_blocks is None:
             raise SpecError("mask:deep-half needs the model's number of blocks")
@@ -76,7 +94,7 @@ def _base(spec: str, num_steps: int, num_blocks: int | None) -> cc.Schedule:
             [[[0, 0] if s % 2 and b >= num_blocks // 2 else [1, 1] for b in range(num_blocks)] for s in range(num_steps)]
         )
     raise SpecError(f"unknown schedule {spec!r}: use none, fora:N, toca:N[:ratio[:score]], duca:N[:ratio[:score[:mode]]], "
-                    f"mask:deep-half, a +{'|+'.join(COMPENSATIONS)} suffix, or a .json schedule file")
+                    f"mask:deep-half, dbcache:T[:Fn[:Bn[:warmup]]], fbc:T, teacache:T, magcache:T[:max_skip], a +{'|+'.join(COMPENSATIONS)} suffix, or a .json schedule file")
 
 
 def _int(spec: str, text: str) -> int:

@@ -303,8 +303,8 @@ def test_onnx_artifact_does_not_depend_on_the_torch_version(onnx_artifact, tmp_p
 def test_graphs_of_another_input_shape_are_refused_at_load(onnx_artifact, tmp_path):
     """A manifest whose call does not match its graphs' inputs (files of another export)."""
     path = _copy(onnx_artifact, tmp_path)
-    _edit_manifest(path, lambda m: m["leaves"][0].update(shape=[8, 4, 8, 8]))
-    with pytest.raises(ArtifactError, match=r"hidden_states: float32\[4, 4, 8, 8\].*re-export"):
+    _edit_manifest(path, lambda m: m["leaves"][0].update(shape=[4, 4, 16, 16]))
+    with pytest.raises(ArtifactError, match=r"hidden_states: float32\[\?, 4, 8, 8\].*float32\[\?, 4, 16, 16\].*re-export"):
         cc.load(path)
 
 
@@ -316,10 +316,15 @@ def test_a_step_that_reads_an_unwritten_slot_is_refused_at_load(onnx_artifact, t
 
 
 def test_call_with_another_input_shape_fails_before_any_step_runs(onnx_artifact):
+    """The batch is the graphs' dynamic dimension; any other size is fixed by the export."""
     loaded = cc.load(onnx_artifact.path)
-    with pytest.raises(InputMismatchError, match=r"hidden_states.*\(8, 4, 8, 8\).*\(4, 4, 8, 8\)"):
-        loaded(**dict(dit_inputs(batch=8), return_dict=False))
+    bigger = dit_inputs(batch=2)
+    bigger["hidden_states"] = torch.randn(2, 4, 16, 16)
+    with pytest.raises(InputMismatchError, match=r"hidden_states.*\(2, 4, 16, 16\).*batch, 4, 8, 8"):
+        loaded(**bigger, return_dict=False)
     assert loaded.step == 0 and loaded.cache_bytes == 0  # nothing ran, nothing was cached
+    out = loaded(**dit_inputs(batch=8), return_dict=False)[0]  # another batch runs
+    assert out.shape[0] == 8 and loaded.step == 1
 
 
 # --------------------------------------------------------------------------- errors at export

@@ -334,8 +334,10 @@ def same_size(a: Any, b: Any) -> bool:
 
 def _check_state_shape(shape: tuple, slot: str, batch: Any, tokens: int) -> None:
     if len(shape) != 2 or not (same_size(shape[0], batch) and same_size(shape[1], tokens)):
+        hint = lambda d: d if isinstance(d, int) else optimization_hint(d)  # noqa: E731  (the captured batch)
         raise TokenScoreError(
-            f"{slot} has shape {shape} but the partial region has {batch} samples × {tokens} tokens "
+            f"{slot} has shape {tuple(map(hint, shape))} but the partial region has {hint(batch)} samples × "
+            f"{hint(tokens)} tokens "
             f"(the attention attends over other tokens than the MLP sees, e.g. joint text+image "
             f"attention); use score='random' or 'staleness' for this model"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EFFICIENCY_TARGET", "COMPILE_TIME_FACTOR", "check_targets", "markdown_report"]
+__all__ = ["EFFICIENCY_TARGET", "COMPILE_TIME_FACTOR", "DYNAMIC_METHODS", "check_targets", "decisions_of", "markdown_report"]
 
 
 EFFICIENCY_TARGET = 0.95
@@ -104,7 +104,51 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         add(t, f"{r['schedule']} {r['backend']}", met,
             f"{peer['seconds'] / r['seconds']:.2f}× cache-dit's speed ({r['seconds']:.3f} s vs {peer['seconds']:.3f} s)",
             "" if met else _why_steps(r, peer))
+    for r in (r for r in ours if r.get("method") in DYNAMIC_METHODS and r["backend"] in ("eager", "inductor")):
+        for peer in (p for p in rows if p["impl"] in DYNAMIC_PEERS and p["schedule"] == r["schedule"] and p["backend"] == r["backend"]):
+            t = (f"at the same settings, the same decisions as {peer['impl']} and faster "
+                 f"({'eager' if r['backend'] == 'eager' else 'compiled'})")
+            name = f"{r['schedule']} {r['backend']}"
+            if not ok(r) or not ok(peer):
+                add(t, name, None, "not measured", peer["reason"] or r["reason"])
+                continue
+            mine, theirs = decisions_of(r), decisions_of(peer)
+            same = mine is not None and mine == theirs
+            met = same and r["seconds"] < peer["seconds"]
+            add(t, name, met,
+                f"decisions {'identical' if same else 'differ'} ({_compact(mine)} vs {_compact(theirs)}); "
+                f"{peer['seconds'] / r['seconds']:.2f}× {peer['impl']}'s speed ({r['seconds']:.3f} s vs {peer['seconds']:.3f} s)",
+                "" if met else _why_steps(r, peer))
     return out
+
+
+# Schedules whose steps are decided by the policy, and the peers that run the same policies.
+DYNAMIC_METHODS = ("dbcache", "teacache", "magcache")
+DYNAMIC_PEERS = ("cache-dit", "fbc", "magcache")
+
+
+def decisions_of(row: dict) -> list[str] | None:
+    """``full``/``cached`` per step of a row's last run: ours from ``cached.decisions`` (or the
+    schedule's labels), cache-dit's from its cached steps, diffusers' hooks' from the steps where
+    the last block ran."""
+    info = row.get("info") or {}
+    n = len(row.get("step_kinds") or row.get("step_flops") or [])
+    if "decisions" in info:
+        return list(info["decisions"])
+    if "cached_steps" in info:
+        return ["cached" if s in set(info["cached_steps"]) else "full" for s in range(n)]
+    if "computed_steps" in info:
+        return ["full" if s in set(info["computed_steps"]) else "cached" for s in range(n)]
+    if row.get("impl") == "cachecompile" and row.get("step_kinds"):
+        return list(row["step_kinds"])
+    return None
+
+
+def _compact(decisions: list[str] | None) -> str:
+    """``F`` full, ``C`` cached, per step."""
+    if decisions is None:
+        return "?"
+    return "".join({"full": "F", "cached": "C"}.get(d, "?") for d in decisions)
 
 
 def _f(v: float | None, fmt: str, missing: str = "—") -> str:
@@ -183,6 +227,14 @@ def markdown_report(result: dict[str, Any]) -> str:
     loaded = _loaded_note(result)
     if loaded:
         lines += ["", loaded]
+    dynamic = [r for r in result["rows"] if r["status"] == "ok" and (r.get("method") in DYNAMIC_METHODS or r["impl"] in DYNAMIC_PEERS)]
+    if dynamic:
+        lines += ["", "Decisions of the dynamic rows (F full, C cached, per step of the run on the bench's inputs):", "",
+                  "| implementation | schedule | backend | decisions | cached steps |", "|---|---|---|---|---:|"]
+        for r in dynamic:
+            d = decisions_of(r)
+            lines.append(f"| {r['impl']} | {r['schedule']} | {r['backend']} | `{_compact(d)}` | "
+                         f"{'—' if d is None else d.count('cached')} |")
     lines += ["", "Targets:", ""]
     for t in result.get("targets", []):
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]

@@ -219,6 +219,8 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
             with PeakMemory(run.device) as mem:  # its own run: trimming the heap costs time
                 run.sample(built.fn)
             row.peak_memory_mb, row.info["memory"] = mem.mb, mem.method
+            if built.info is not None:  # what the last run did (decisions): a run of the bench's inputs, not quality's
+                row.info.update(built.info())
             if run.quality_samples and run.bm.trained:
                 from cachecompile.tools import quality as Q
 
@@ -233,8 +235,6 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
     row.cache_mb = built.cache_bytes() / 2**20 if built.cache_bytes else None
     row.notes = list(built.notes)
     row.step_kinds = list(built.step_kinds or [])
-    if built.info is not None:
-        row.info.update(built.info())
     row.flops = sum(row.step_flops)
     ref = run.reference if run.reference is not None else out
     row.max_abs_diff = (out - ref).abs().max().item()
@@ -306,7 +306,7 @@ def _finish(run: _Run, row: Row, kinds: list[str] | None) -> None:
             # the timed runs are interleaved: round i of both rows ran within one round robin
             per_round = [b / r / row.flops_ratio for b, r in zip(same.runs, row.runs)]
             row.info["efficiency_per_round"] = [min(per_round), max(per_round)]
-    kinds = kinds or row.step_kinds or None
+    kinds = kinds or row.step_kinds or row.info.get("decisions") or None
     if kinds is None:
         full = max(base.step_flops) if base is not None and base.step_flops else max(row.step_flops)
         kinds = kinds_from_flops(row.step_flops, full)
@@ -349,6 +349,8 @@ def _configs(
     for spec, schedule in schedules:
         kinds = schedule.step_kinds()
         mask = [1 if k == "full" else 0 for k in kinds]
+        if "dynamic" in kinds:  # decided in the graph: labelled from cached.decisions after a run
+            kinds, mask = None, None
         eager_cc = _cc_builder(bm.model, schedule, "eager", ex)
         for backend in backends:
             configs.append(
@@ -376,10 +378,13 @@ def _handwritten_built(model: Any) -> Built:
 
 
 def _cc_builder(model: torch.nn.Module, schedule: cc.Schedule, backend: str, example: dict, note: str = "") -> Callable[[], Built]:
+    dynamic = "dynamic" in schedule.step_kinds()
+
     def build() -> Built:
         cached = cc.optimize(model, schedule, backend)
         cached.prepare(**example)  # capture, rewrite, lower (compile) before the first run
-        return Built(cached, len(cached.step_graphs), lambda: cached.cache_bytes, notes=[note] if note else [])
+        info = (lambda: {"decisions": cached.decisions}) if dynamic else None  # read once, after a run
+        return Built(cached, len(cached.step_graphs), lambda: cached.cache_bytes, notes=[note] if note else [], info=info)
 
     return build
 
@@ -402,7 +407,12 @@ def _peer_configs(run: _Run, schedules: list[tuple[str, cc.Schedule]], backends:
     for name in peers:
         spec = P.PEERS[name]
         if not spec.uses_interval:
-            variants.append((name, "dynamic", {}, None))
+            # a dynamic peer runs each of our dynamic schedules it implements, with its settings
+            matched = [(sched_spec, s) for sched_spec, s in schedules if P.matches_schedule(name, s)]
+            for sched_spec, s in matched:
+                variants.append((name, sched_spec, {"settings": dict(s.params)}, None))
+            if not matched:
+                variants.append((name, "dynamic", {}, None))
             continue
         seen: set = set()
         for sched_spec, schedule in schedules:
@@ -505,6 +515,7 @@ def run_bench(
     run = _Run(bm, steps, batch, guidance_scale, repeats, warmup, progress, quality_samples, dev)
     run.labels = torch.arange(batch) % bm.num_classes
     run.compile_cache_root = cache_root
+    parsed = [(spec, _calibrated(run, schedule)) for spec, schedule in parsed]
     # The exact arguments of ddim_sample's first call (shapes, dtypes and strides: its timestep
     # is an expanded, stride-0 tensor), for preparing (capturing, compiling) before the first run.
     run.example_kwargs = first_call_kwargs(run.bm.model, run.labels, **run.sample_kwargs())
@@ -560,6 +571,16 @@ def run_bench(
     }
     result["targets"] = check_targets(result)
     return result
+
+
+def _calibrated(run: _Run, schedule: cc.Schedule) -> cc.Schedule:
+    """A TeaCache or MagCache schedule without its numbers, calibrated on this model by one
+    uncached sampling run of the bench's own inputs (as the MagCache peer is)."""
+    missing = {"teacache": "coefficients", "magcache": "ratios"}.get(schedule.method)
+    if missing is None or schedule.params[missing] is not None:
+        return schedule
+    with torch.no_grad():
+        return cc.calibrate(run.bm.model, schedule, lambda model, i: run.sample(model), num_samples=1)
 
 
 def _progress(items: list, enabled: bool, desc: str = "configurations"):
