@@ -17,6 +17,7 @@ from typing import Any
 from cachecompile.core.errors import (
     ArtifactError,
     CaptureError,
+    ConcurrentUseError,
     InputMismatchError,
     RegionError,
     ScheduleError,
@@ -60,6 +61,7 @@ __all__ = [
     "CaptureError",
     "InputMismatchError",
     "StepMismatchError",
+    "ConcurrentUseError",
     "GOC",
     "EOC",
     "Taylor",

@@ -10,6 +10,7 @@ __all__ = [
     "RegionError",
     "ArtifactError",
     "BackendCompileError",
+    "ConcurrentUseError",
 ]
 
 
@@ -39,3 +40,8 @@ class ArtifactError(RuntimeError):
 
 class BackendCompileError(RuntimeError):
     """A backend failed to lower a step graph. Never swallowed: there is no eager fallback."""
+
+
+class ConcurrentUseError(RuntimeError):
+    """One cached transformer was called from two threads at once (one generation at a time:
+    give each thread its own ``cc.optimize``'d model)."""

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils import _pytree as pytree
 
-from cachecompile.core.errors import InputMismatchError, StepMismatchError
+from cachecompile.core.errors import ConcurrentUseError, InputMismatchError, StepMismatchError
 from cachecompile.core.program import ProgramBuilder, StepProgram, timestep_index
 from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import Schedule, StepPlan
@@ -141,10 +141,6 @@ def fingerprint(model: torch.nn.Module, weights_by_value: bool) -> tuple:
         for name, m in model.named_modules()
     )
     return tensors, modules
-
-
-class ConcurrentUseError(RuntimeError):
-    """One cached transformer was called from two threads at once."""
 
 
 class CachedTransformer(HoldsModel):

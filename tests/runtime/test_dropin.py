@@ -31,6 +31,22 @@ def test_every_batch_size_runs_on_one_capture_and_all_compute_is_the_model(model
     assert cached.captures == 1 and cached.program.call.dynamic_batch
 
 
+def test_a_fixed_batch_captures_once_per_batch_size(model):
+    """``dynamic_batch=False``: every size in the step graphs is a number, and another batch
+    captures again (each capture still exact)."""
+    cached = cc.optimize(model, cc.Schedule.fora(interval=1), dynamic_batch=False)
+    for batch in (2, 3):
+        kw = dit_inputs(batch=batch, seed=batch)
+        with torch.no_grad():
+            assert torch.equal(cached(**kw).sample, model(**kw).sample)
+        cached.reset()
+        assert not cached.program.call.dynamic_batch
+        for gm in cached.step_graphs.values():
+            shapes = [n.meta["val"].shape for n in gm.graph.find_nodes(op="placeholder") if isinstance(n.meta.get("val"), torch.Tensor)]
+            assert all(isinstance(d, int) for s in shapes for d in s) and shapes[0][0] == batch
+    assert cached.captures == 2
+
+
 def test_another_resolution_captures_again_up_to_the_limit(model):
     cached = cc.optimize(model, cc.Schedule.fora(interval=1), max_captures=2)
     sizes = [(8, 8), (16, 16), (8, 8)]
@@ -139,33 +155,41 @@ def test_fused_qkv_projections_capture_again(model):
 
 
 def test_two_threads_on_one_model_get_a_clear_error_and_one_model_each_works(model):
+    steps = (999, 750, 500, 250)
+    reference = cc.optimize(model, cc.Schedule.fora(4, 2))
+    for t in steps:
+        expected = reference(**dict(dit_inputs(batch=2), timestep=torch.full((2,), t))).sample
     cached = cc.optimize(model, cc.Schedule.fora(4, 2))
     cached(**dit_inputs(batch=2))  # capture first, so both threads race on generations, not on capture
     cached.reset()
     errors, results = [], {}
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2, timeout=120)
 
     def run(name, m):
-        try:
-            barrier.wait()
-            out = None
-            for t in (999, 750, 500, 250):
-                out = m(**dict(dit_inputs(batch=2), timestep=torch.full((2,), t))).sample
-            results[name] = out
-        except Exception as e:  # noqa: BLE001 - collected and checked below
-            errors.append(e)
+        failed = False
+        for t in steps:
+            if not failed:
+                try:
+                    results[name] = m(**dict(dit_inputs(batch=2), timestep=torch.full((2,), t))).sample
+                except Exception as e:  # noqa: BLE001 - collected and checked below
+                    errors.append(e)
+                    failed = True
+            barrier.wait()  # both threads make call i before either makes call i + 1
 
-    threads = [threading.Thread(target=run, args=(i, cached)) for i in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert errors and all("another thread" in str(e) or "one generation at a time" in str(e) for e in errors), errors
-    own = [cc.optimize(model, cc.Schedule.fora(4, 2)) for _ in range(2)]
-    errors.clear()
-    results.clear()
-    threads = [threading.Thread(target=run, args=(i, own[i])) for i in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert not errors and torch.equal(results[0], results[1])
+    def race(models):
+        errors.clear()
+        results.clear()
+        threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate(models)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+
+    race([cached, cached])
+    # the generations overlap: the second thread is refused, the first finishes its own correctly
+    assert len(errors) == 1 and isinstance(errors[0], cc.ConcurrentUseError), errors
+    assert "another thread" in str(errors[0]) or "one generation at a time" in str(errors[0])
+    assert len(results) == 1 and torch.allclose(next(iter(results.values())), expected, rtol=1e-5, atol=1e-5)
+    race([cc.optimize(model, cc.Schedule.fora(4, 2)) for _ in range(2)])  # one model each: both work
+    assert not errors and all(torch.allclose(results[i], expected, rtol=1e-5, atol=1e-5) for i in (0, 1))
 
 
 def test_copies_pickles_and_torch_save_of_a_captured_model(model):

@@ -176,6 +176,19 @@ def test_missing_peer_library_gives_an_unsupported_row_with_the_fix(monkeypatch)
     assert "cache-dit dynamic eager: unsupported" in markdown_report(out)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_static_batch_rows_measure_what_the_dynamic_batch_costs():
+    out = run_bench(MODEL, ["fora:2"], ["eager", "onnxruntime"], steps=2, repeats=1, handwritten=False,
+                    quality_samples=0, progress=False, static_batch=True)
+    dynamic, static = _row(out, "cachecompile", backend="onnxruntime"), _row(out, "cachecompile-static-batch", backend="onnxruntime")
+    assert dynamic["status"] == static["status"] == "ok"
+    assert static["flops_ratio"] == dynamic["flops_ratio"] and static["step_graphs"] == dynamic["step_graphs"]
+    assert not any(r["impl"] == "cachecompile-static-batch" and r["backend"] == "eager" for r in out["rows"])
+    [target] = [t for t in check_targets(out) if t["target"].startswith("with the dynamic batch")]
+    assert target["met"] == (dynamic["efficiency"] >= 0.95)
+    assert f"{dynamic['efficiency']:.2f} dynamic batch, {static['efficiency']:.2f} static batch" in target["measured"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -42,6 +42,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "waits for its slowest one, so on a machine shared with other jobs a call can take 15-40x its "
                         "time (measured on 2 CPUs at load 8); one thread slows down only in proportion to the load")
     p.add_argument("--warm-compile-cache", action="store_true", help="let Inductor reuse its on-disk caches (compile times are then warm)")
+    p.add_argument("--static-batch", action="store_true",
+                   help="also run each compiled schedule with step graphs of a fixed batch (what the dynamic batch costs)")
     p.add_argument("--out", default="bench-out", help="directory for bench.json, bench.md and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -68,7 +70,7 @@ def bench_main(args: argparse.Namespace) -> int:
         model, args.schedule, args.backend, steps=args.steps, batch=args.batch, guidance_scale=args.cfg,
         repeats=args.repeats, warmup=args.warmup, peers=peers, handwritten=not args.no_handwritten,
         quality_samples=args.quality_samples, device=args.device, progress=not args.no_progress,
-        cold_compile=not args.warm_compile_cache,
+        cold_compile=not args.warm_compile_cache, static_batch=args.static_batch,
     )
     report = markdown_report(result)
     out = Path(args.out)

@@ -82,6 +82,16 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 met = factor <= COMPILE_TIME_FACTOR
                 add(t, name, met, f"{factor:.2f}× ({r['compile_seconds']:.1f} s vs {base['compile_seconds']:.1f} s)",
                     "" if met else f"{r['step_graphs']} step graphs are compiled one by one; the uncached model is one graph")
+    for static in (r for r in rows if r["impl"] == "cachecompile-static-batch"):
+        mine = next((r for r in ours if r["schedule"] == static["schedule"] and r["backend"] == static["backend"]), None)
+        name = f"{static['schedule']} {static['backend']}"
+        t = f"with the dynamic batch in the step graphs, efficiency ≥ {EFFICIENCY_TARGET}{where}"
+        if mine is None or not ok(mine) or not ok(static) or mine["efficiency"] is None or static["efficiency"] is None:
+            add(t, name, None, "not measured", "needs the dynamic- and static-batch rows and the uncached row of the backend")
+            continue
+        add(t, name, mine["efficiency"] >= EFFICIENCY_TARGET,
+            f"{mine['efficiency']:.2f} dynamic batch, {static['efficiency']:.2f} static batch "
+            f"({static['seconds'] / mine['seconds']:.2f}× the static-batch speed)")
     for hw in (r for r in rows if r["impl"] == "hand-written"):
         mine = next((r for r in ours if r["schedule"] == hw["schedule"] and r["backend"] == "eager"), None)
         t = "eager: no slower than a hand-written eager implementation"

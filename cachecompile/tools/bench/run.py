@@ -70,6 +70,9 @@ class Built:
     step_kinds: list[str] | None = None  # a peer's own step labels, where its rule is fixed
 
 
+STATIC_BATCH = "cachecompile-static-batch"  # the implementation name of --static-batch rows
+
+
 @dataclass
 class Config:
     """One row to measure. ``build`` is timed as preparation; ``flops_model`` builds the eager
@@ -329,7 +332,8 @@ def _load_handwritten():
 
 
 def _configs(
-    run: _Run, schedules: list[tuple[str, cc.Schedule]], backends: list[str], peers: list[str], handwritten: bool
+    run: _Run, schedules: list[tuple[str, cc.Schedule]], backends: list[str], peers: list[str], handwritten: bool,
+    static_batch: bool = False,
 ) -> list[Config]:
     bm, steps, ex = run.bm, run.steps, run.example_kwargs
     uncached_flops = lambda: bm.model  # noqa: E731
@@ -359,6 +363,13 @@ def _configs(
                        f"cc:{spec}", lambda b=eager_cc: b().fn, baseline=backend, method=schedule.method,
                        step_kinds=kinds, mask=mask, unavailable=_backend_unavailable(backend))
             )
+            if static_batch and backend != "eager":
+                configs.append(
+                    Config(STATIC_BATCH, spec, backend, f"cachecompile {spec} {backend}, static batch",
+                           _cc_builder(bm.model, schedule, backend, ex, dynamic_batch=False),
+                           f"cc:{spec}", lambda b=eager_cc: b().fn, baseline=backend, method=schedule.method,
+                           step_kinds=kinds, mask=mask, unavailable=_backend_unavailable(backend))
+                )
     hw = _load_handwritten() if handwritten else None
     for spec, schedule in schedules:
         if not handwritten or schedule.method != "fora":
@@ -377,11 +388,13 @@ def _handwritten_built(model: Any) -> Built:
     return Built(model, cache_bytes=lambda: model.cache_bytes)
 
 
-def _cc_builder(model: torch.nn.Module, schedule: cc.Schedule, backend: str, example: dict, note: str = "") -> Callable[[], Built]:
+def _cc_builder(
+    model: torch.nn.Module, schedule: cc.Schedule, backend: str, example: dict, note: str = "", dynamic_batch: bool = True,
+) -> Callable[[], Built]:
     dynamic = "dynamic" in schedule.step_kinds()
 
     def build() -> Built:
-        cached = cc.optimize(model, schedule, backend)
+        cached = cc.optimize(model, schedule, backend, dynamic_batch=dynamic_batch)
         cached.prepare(**example)  # capture, rewrite, lower (compile) before the first run
         info = (lambda: {"decisions": cached.decisions}) if dynamic else None  # read once, after a run
         return Built(cached, len(cached.step_graphs), lambda: cached.cache_bytes, notes=[note] if note else [], info=info)
@@ -469,6 +482,7 @@ def run_bench(
     device: str | None = None,
     progress: bool = True,
     cold_compile: bool = True,
+    static_batch: bool = False,
 ) -> dict[str, Any]:
     """Measure every configuration; returns the JSON-able result (see the module docstring).
 
@@ -476,7 +490,9 @@ def run_bench(
     is among ``backends``); ``quality_samples`` defaults to 64 on the trained digits model, 0
     otherwise; ``cold_compile`` gives every configuration empty Inductor caches (a fresh cache
     directory, in-memory caches cleared, FX-graph and AOTAutograd caches off), so that compile
-    times are cold and comparable between rows.
+    times are cold and comparable between rows. ``static_batch`` adds, per compiled backend and
+    schedule, a row whose step graphs fix the batch (``dynamic_batch=False``): what the dynamic
+    batch dimension costs, measured in the same interleaved run.
     """
     if repeats < 1 or warmup < 1 or steps < 1 or batch < 1:
         raise SystemExit("--repeats, --warmup, --steps and --batch must be >= 1")
@@ -525,7 +541,7 @@ def run_bench(
         with torch.no_grad():
             run.quality_reference = run.quality_images(bm.model)
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    configs = _configs(run, parsed, backends, peers, handwritten)
+    configs = _configs(run, parsed, backends, peers, handwritten, static_batch)
     prepared: list[tuple[Row, Built | None]] = []
     bar = _progress(configs, progress, "preparing")
     for cfg in bar:
