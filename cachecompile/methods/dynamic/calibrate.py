@@ -63,12 +63,7 @@ class _Probe(torch.nn.Module):
         if self.gm is None:
             self._prepare(args, kwargs)
         cap = self.call
-        if set(kwargs) == set(cap.kwarg_order):
-            kwargs = {k: kwargs[k] for k in cap.kwarg_order}
-        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
-        if spec != cap.in_spec:
-            raise ValueError("the sampling loop called the model with different arguments than on its first call")
-        tensors = [v for leaf, v in zip(cap.leaves, leaves) if leaf.tensor_index is not None]
+        tensors = cap.tensors(args, kwargs)  # InputMismatchError when the loop calls otherwise than at first
         with torch.no_grad():
             outs = self.gm(*tensors)
         n = cap.num_outputs
