@@ -10,10 +10,11 @@
 set -u
 diffusers=${1:?usage: run.sh DIFFUSERS_CHECKOUT}
 here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)  # this checkout's cachecompile, whatever is installed
 python=${PYTHON:-$here/../../.venv/bin/python}
 out=$(mktemp -d)
 for mode in plain optimized; do
-  (cd "$diffusers" && CC_MODE=$mode HF_HUB_OFFLINE=1 PYTHONPATH="$here:$diffusers" "$python" -m pytest -q \
+  (cd "$diffusers" && CC_MODE=$mode HF_HUB_OFFLINE=1 PYTHONPATH="$repo:$here:$diffusers" "$python" -m pytest -q \
      -p no:cacheprovider -p cc_plugin tests/pipelines/dit tests/pipelines/pixart_alpha tests/pipelines/pixart_sigma -rf \
      2>&1 | grep -E "^FAILED|passed|failed" > "$out/$mode.log")
   echo "$mode: $(tail -n 1 "$out/$mode.log")"
