@@ -29,7 +29,7 @@ import operator
 import torch
 import torch.fx
 
-__all__ = ["has_side_effects", "mutated_nodes", "frozen_nodes", "is_collective", "is_wait"]
+__all__ = ["has_side_effects", "mutated_nodes", "frozen_nodes", "is_collective", "is_wait", "collective_groups"]
 
 # Namespaces of the ops that talk to other ranks (functional collectives as export records them,
 # and the in-place c10d ops).
@@ -44,6 +44,17 @@ def is_collective(node: torch.fx.Node) -> bool:
 def is_wait(node: torch.fx.Node) -> bool:
     """A ``wait_tensor``: the point where a functional collective's result is ready."""
     return is_collective(node) and node.target._schema.name.endswith("wait_tensor")
+
+
+def collective_groups(graph: torch.fx.Graph) -> list[str]:
+    """The process groups that the graph's collectives talk over, each once, in graph order."""
+    groups: list[str] = []
+    for node in graph.nodes:
+        if is_collective(node) and not is_wait(node):
+            group = _arg(node, "group_name")
+            if isinstance(group, str) and group not in groups:
+                groups.append(group)
+    return groups
 
 
 def _dead_collective_wait(node: torch.fx.Node) -> bool:

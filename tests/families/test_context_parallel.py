@@ -63,14 +63,33 @@ def _wan():
     ))
 
 
-MODELS = {"flux": (_flux, test_flux.X0, flux_kwargs), "wan": (_wan, test_wan.X0, test_wan.kwargs)}
+def _wan_split_at_embedding(model) -> dict:
+    """Wan's plan with the sequence split where the patch embedding leaves it (along the frames, so
+    each rank holds a contiguous half of the tokens, as the rotary embedding's split), instead of
+    in the first block's forward hook: the block stack then starts from this rank's shard, and
+    methods that pair the stack's input with its output (DBCache, TeaCache) find its stream."""
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    plan = {k: v for k, v in type(model)._cp_plan.items() if k != "blocks.0"}
+    return {**plan, "patch_embedding": {0: ContextParallelInput(split_dim=2, expected_dims=5, split_output=True)}}
+
+
+# family → (model, x0, kwargs, cp_plan: None for the model's own)
+MODELS = {
+    "flux": (_flux, test_flux.X0, flux_kwargs, None),
+    "wan": (_wan, test_wan.X0, test_wan.kwargs, None),
+    "wan-split": (_wan, test_wan.X0, test_wan.kwargs, _wan_split_at_embedding),
+}
 # name → (model, schedule); DuCa with fresh_ratio=1 recomputes every MLP row at conservative steps,
 # so its result does not depend on how the tokens are split between ranks.
 CASES = {
     "flux-fora2": ("flux", lambda: cc.Schedule.fora(STEPS, 2)),
     "flux-duca4": ("flux", lambda: cc.Schedule.duca(STEPS, 4, 1.0, score="random")),
     "wan-fora3": ("wan", lambda: cc.Schedule.fora(STEPS, 3)),
+    # decided in the graph: the metric is all-reduced over the ranks before the branch
+    "wan-dbcache": ("wan-split", lambda: cc.Schedule.dbcache(0.1, compute_first=1, num_steps=6)),
 }
+STATIC = [case for case in CASES if case != "wan-dbcache"]
 
 
 def _collectives(gm: torch.fx.GraphModule) -> list[tuple[str, tuple[int, ...]]]:
@@ -86,7 +105,9 @@ def _collectives(gm: torch.fx.GraphModule) -> list[tuple[str, tuple[int, ...]]]:
 def _collective_regions(cached) -> dict[str, list[str]]:
     """Each collective of the full step graph → the regions that hold it, blocks and branches
     (``blocks.<i>``, ``blocks.<i>.<branch>``; the stack holds all blocks)."""
-    gm = next(gm for plan, gm in cached.step_graphs.items() if plan.is_full)
+    gm = next((gm for plan, gm in cached.step_graphs.items() if plan.is_full), None)
+    if gm is None:
+        return {}
     branches = [r for r in cached.region_map.regions.values() if r.name != "stack"]
     return {n.name: [r.name for r in branches if n.name in r.nodes]
             for n in gm.graph.nodes if n.op == "call_function" and "c10d" in str(n.target)}
@@ -120,23 +141,25 @@ def _rank(rank: int, store: str, out_dir: str) -> None:
     models = {}
     try:
         for name, (family, schedule) in list(CASES.items())[rank::WORLD]:  # one process, no parallelism
-            make, x0, kwargs = MODELS[family]
-            model = make()
+            make, x0, kwargs, _ = MODELS[family]
+            model, steps = make(), schedule().num_steps
+            cached = cc.optimize(model, schedule())
             results["reference"][name] = dict(
-                cached=sample(cc.optimize(model, schedule()), x0, kwargs, STEPS), uncached=sample(model, x0, kwargs, STEPS))
+                cached=sample(cached, x0, kwargs, steps), decisions=cached.decisions, uncached=sample(model, x0, kwargs, steps))
         for name, (family, schedule) in CASES.items():
+            make, x0, kwargs, cp_plan = MODELS[family]
             if family not in models:
-                make, _, _ = MODELS[family]
                 models[family] = make()
-                models[family].enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
-            model, (_, x0, kwargs) = models[family], MODELS[family]
+                models[family].enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD),
+                                                  cp_plan=cp_plan(models[family]) if cp_plan else None)
+            model, steps = models[family], schedule().num_steps
             started = time.perf_counter()
             cached = cc.optimize(model, schedule())
-            outs = [sample(cached, x0, kwargs, STEPS) for _ in range(2)]
+            outs = [sample(cached, x0, kwargs, steps) for _ in range(2)]
             graphs = [(plan.is_full, _collectives(gm)) for plan, gm in cached.step_graphs.items()]
             results[name] = dict(
-                outputs=outs, uncached=sample(model, x0, kwargs, STEPS), graphs=graphs,
-                bytes_cached=_per_generation_bytes(cached), bytes_uncached=STEPS * _payload_bytes(
+                outputs=outs, decisions=cached.decisions, uncached=sample(model, x0, kwargs, steps), graphs=graphs,
+                bytes_cached=_per_generation_bytes(cached), bytes_uncached=steps * _payload_bytes(
                     next(gm for plan, gm in cached.step_graphs.items() if plan.is_full)),
                 regions=_collective_regions(cached), batched=[leaf.batched for leaf in cached.program.call.tensor_leaves],
                 seconds=time.perf_counter() - started,
@@ -176,10 +199,11 @@ def test_two_ranks_match_one_process_over_two_generations(ranks, case):
         for out in got["outputs"]:
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(got["uncached"], uncached, rtol=0, atol=1e-5)
+        assert got["decisions"] == reference[case]["decisions"]
         assert max_diff(got["outputs"][0], uncached) > 1e-3, "caching changed the result"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", STATIC)
 def test_reused_attention_skips_its_collectives_on_every_rank(ranks, case):
     ranks = ranks[:WORLD]
     graphs = [rank[case]["graphs"] for rank in ranks]
@@ -229,6 +253,20 @@ def test_communication_per_generation(ranks):
     expected = {"flux-fora2": 2 * flux + 2 * gather_flux, "flux-duca4": flux + 3 * gather_flux,
                 "wan-fora3": 2 * wan + 2 * gather_wan}
     for rank in ranks[:WORLD]:
-        for case, got in rank.items():
+        for case in STATIC:
+            got = rank[case]
             assert got["bytes_uncached"] == STEPS * full[case], case
             assert got["bytes_cached"] == expected[case], case
+
+
+def test_a_dynamic_decision_is_taken_alike_on_every_rank(ranks):
+    """DBCache under context parallelism: each rank's probe is its half of the sequence; the
+    metric's sums are all-reduced before the branch, so both ranks take the one-process
+    decisions (checked against it above); the blocks it may skip keep their all-to-alls inside
+    the branch, and only block 0's, the all-reduce and the gather are left outside."""
+    decisions = ranks[-1]["wan-dbcache"]["decisions"]
+    assert "cached" in decisions and decisions.count("full") > 1
+    graphs = [rank["wan-dbcache"]["graphs"] for rank in ranks[:WORLD]]
+    assert graphs[0] == graphs[1]
+    dynamic = [[op for op, _ in colls] for is_full, colls in graphs[0] if not is_full]
+    assert dynamic == [["all_to_all_single", "wait_tensor"] * 4 + ["all_reduce", "wait_tensor", "all_gather_into_tensor", "wait_tensor"]]
