@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import cachecompile as cc
 from tests.families import test_flux, test_wan
-from tests.families._common import max_diff, sample
+from tests.families._common import max_diff, mlp_rows, sample
 
 pytest.importorskip("diffusers", minversion="0.36")
 from diffusers import ContextParallelConfig  # noqa: E402
@@ -88,8 +88,13 @@ CASES = {
     "wan-fora3": ("wan", lambda: cc.Schedule.fora(STEPS, 3)),
     # decided in the graph: the metric is all-reduced over the ranks before the branch
     "wan-dbcache": ("wan-split", lambda: cc.Schedule.dbcache(0.1, compute_first=1, num_steps=6)),
+    # top-k per shard: each rank recomputes round(ratio × its tokens) of its own tokens
+    "flux-toca-half": ("flux", lambda: cc.Schedule.toca(STEPS, 2, 0.5, score="random")),
+    # a score from the attention's values: under Ulysses the attention holds the whole sequence
+    "wan-vnorm-error": ("wan", lambda: cc.Schedule.toca(STEPS, 2, 0.5, score="v_norm")),
 }
-STATIC = [case for case in CASES if case != "wan-dbcache"]
+STATIC = ["flux-fora2", "flux-duca4", "wan-fora3"]
+COMPARED = [*STATIC, "wan-dbcache"]  # equal to one process
 
 
 def _collectives(gm: torch.fx.GraphModule) -> list[tuple[str, tuple[int, ...]]]:
@@ -140,7 +145,7 @@ def _rank(rank: int, store: str, out_dir: str) -> None:
     results: dict = {"reference": {}}
     models = {}
     try:
-        for name, (family, schedule) in list(CASES.items())[rank::WORLD]:  # one process, no parallelism
+        for name, (family, schedule) in [(c, CASES[c]) for c in COMPARED][rank::WORLD]:  # one process, no parallelism
             make, x0, kwargs, _ = MODELS[family]
             model, steps = make(), schedule().num_steps
             cached = cc.optimize(model, schedule())
@@ -154,14 +159,20 @@ def _rank(rank: int, store: str, out_dir: str) -> None:
                                                   cp_plan=cp_plan(models[family]) if cp_plan else None)
             model, steps = models[family], schedule().num_steps
             started = time.perf_counter()
+            if name.endswith("-error"):
+                with pytest.raises(Exception) as error:
+                    sample(cc.optimize(model, schedule()), x0, kwargs, steps)
+                results[name] = dict(error=f"{error.type.__name__}: {error.value}")
+                continue
             cached = cc.optimize(model, schedule())
             outs = [sample(cached, x0, kwargs, steps) for _ in range(2)]
             graphs = [(plan.is_full, _collectives(gm)) for plan, gm in cached.step_graphs.items()]
+            partial = [gm for plan, gm in cached.step_graphs.items() if any(a.kind == "partial" for _, a in plan.actions)]
             results[name] = dict(
                 outputs=outs, decisions=cached.decisions, uncached=sample(model, x0, kwargs, steps), graphs=graphs,
                 bytes_cached=_per_generation_bytes(cached), bytes_uncached=steps * _payload_bytes(
                     next(gm for plan, gm in cached.step_graphs.items() if plan.is_full)),
-                regions=_collective_regions(cached), batched=[leaf.batched for leaf in cached.program.call.tensor_leaves],
+                mlp_rows=sorted(mlp_rows(partial[0], ".ff.")) if partial else None, regions=_collective_regions(cached), batched=[leaf.batched for leaf in cached.program.call.tensor_leaves],
                 seconds=time.perf_counter() - started,
             )
     finally:
@@ -190,7 +201,7 @@ def ranks(tmp_path_factory):
     return [*results, {case: ref for r in results for case, ref in r.pop("reference").items()}]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", COMPARED)
 def test_two_ranks_match_one_process_over_two_generations(ranks, case):
     *ranks, reference = ranks
     expected, uncached = reference[case]["cached"], reference[case]["uncached"]
@@ -270,3 +281,26 @@ def test_a_dynamic_decision_is_taken_alike_on_every_rank(ranks):
     assert graphs[0] == graphs[1]
     dynamic = [[op for op, _ in colls] for is_full, colls in graphs[0] if not is_full]
     assert dynamic == [["all_to_all_single", "wait_tensor"] * 4 + ["all_reduce", "wait_tensor", "all_gather_into_tensor", "wait_tensor"]]
+
+
+def test_partial_recompute_takes_the_top_k_of_each_shard(ranks):
+    """ToCa at fresh_ratio 0.5 on Flux: each rank scores its own 8 image tokens and recomputes the
+    MLP on round(0.5 × 8) = 4 of them (a one-process run recomputes 8 of 16 chosen over the whole
+    sequence: the chosen tokens differ, so this result is not compared with one process). The
+    partial step sends nothing but the output gather, and both ranks' graphs agree."""
+    for rank in ranks[:WORLD]:
+        got = rank["flux-toca-half"]
+        assert got["mlp_rows"] == [round(0.5 * 16 / WORLD)]
+        assert all(torch.isfinite(out).all() for out in got["outputs"])
+        torch.testing.assert_close(got["outputs"][1], got["outputs"][0], rtol=0, atol=0)  # same each generation
+        partial = [colls for is_full, colls in got["graphs"] if not is_full]
+        assert partial and all([op for op, _ in colls] == ["all_gather_into_tensor", "wait_tensor"] for colls in partial)
+    assert ranks[0]["flux-toca-half"]["graphs"] == ranks[1]["flux-toca-half"]["graphs"]
+
+
+def test_a_value_norm_score_over_a_sharded_sequence_is_refused(ranks):
+    """Wan's attention under Ulysses holds all 32 tokens (half the heads) while its MLP holds this
+    rank's 16: v_norm cannot score the MLP's tokens, and says so before anything runs."""
+    for rank in ranks[:WORLD]:
+        error = rank["wan-vnorm-error"]["error"]
+        assert error.startswith("TokenScoreError") and "(1, 32)" in error and "context parallelism" in error
