@@ -59,7 +59,9 @@ def capture(
     whose size there equals the first tensor input's (hidden states, timesteps, labels, text
     embeddings ...) is one ``torch.export.Dim``, so the graph serves every batch size. A batch of
     1 is captured as 2 (export specialises size-1 dimensions). Where export refuses the dynamic
-    batch, the capture is static and another batch size captures again.
+    batch, the capture is static and another batch size captures again. A model with diffusers'
+    context parallelism enabled is captured with a static batch at once: export refuses its
+    dynamic batch (torch 2.13: "Constraints violated (batch)"), and each try costs a whole export.
 
     >>> import torch
     >>> cap = capture(torch.nn.Linear(3, 2).eval(), (torch.randn(4, 3),))
@@ -69,7 +71,7 @@ def capture(
     kwargs = dict(kwargs or {})
     _refuse_weight_hooks(model)
     flat_args, in_spec = pytree.tree_flatten((tuple(args), kwargs))
-    batched = _batch_leaves(flat_args) if dynamic_batch else set()
+    batched = _batch_leaves(flat_args) if dynamic_batch and not _context_parallel(model) else set()
     ep = None
     if batched:
         try:
@@ -103,6 +105,12 @@ def capture(
     )
     log.info("captured %s: %d nodes%s", call.model_class, len(gm.graph.nodes), ", dynamic batch" if batched else "")
     return Captured(gm, call, examples)
+
+
+def _context_parallel(model: torch.nn.Module) -> bool:
+    """Whether diffusers' ``enable_parallelism`` gave the model a context-parallel config."""
+    config = getattr(model, "_parallel_config", None)
+    return getattr(config, "context_parallel_config", None) is not None
 
 
 # diffusers hooks that change the weights inside forward (cast them in and out, or move them

@@ -4,6 +4,8 @@ Export leaves ``_assert_tensor_metadata`` nodes that count as side effects and w
 skipped blocks alive: they are removed first. Attention is marked nondeterministic-seeded (for
 its dropout); with ``dropout_p == 0`` it is pure and a skipped attention goes. Every other op with
 a side effect stays (:func:`cachecompile.passes.effects.has_side_effects`: in-place, random, effectful).
+A collective whose result nothing reads goes with its waits (a reused attention's all-to-alls under
+context parallelism): ``counters["collectives_removed"]`` counts them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.fx
 
 from cachecompile.passes import counters
 from cachecompile.passes.cache_io import cache_io
-from cachecompile.passes.effects import has_side_effects
+from cachecompile.passes.effects import has_side_effects, is_collective, is_wait
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,9 @@ def remove_dead_code(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(graph.nodes):
         if _is_assert(node):
             graph.erase_node(node)
+    collectives = sum(is_collective(n) and not is_wait(n) for n in graph.nodes)
     graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    counters["collectives_removed"] += collectives - sum(is_collective(n) and not is_wait(n) for n in graph.nodes)
     io = cache_io(gm)
     keep = []
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}

@@ -12,6 +12,14 @@ applies one division twice. So a node is *frozen* (never merged or moved) when
 
 Aliasing follows the op schemas (``Tensor(a)`` views, ``Tensor(a!)`` writes); a call whose
 aliasing is unknown (a Python function other than ``getitem``) is taken to alias its inputs.
+
+Collectives (a model run with context parallelism: ``_c10d_functional.all_to_all_single``,
+``all_gather_into_tensor`` ..., each followed by ``wait_tensor``) are frozen too: every rank must
+issue the same collectives in the same order, so none is merged or moved. They are dropped only
+as a whole, when nothing reads the value they deliver: the collective and its waits go together
+(a reused region's attention takes its all-to-alls with it). Every rank captures the same graph
+(its chunk index and process group are constants in it) and runs the same passes on the same
+plan, so every rank drops the same collectives.
 """
 
 from __future__ import annotations
@@ -21,7 +29,45 @@ import operator
 import torch
 import torch.fx
 
-__all__ = ["has_side_effects", "mutated_nodes", "frozen_nodes"]
+__all__ = ["has_side_effects", "mutated_nodes", "frozen_nodes", "is_collective", "is_wait", "collective_groups"]
+
+# Namespaces of the ops that talk to other ranks (functional collectives as export records them,
+# and the in-place c10d ops).
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "c10d", "_dtensor")
+
+
+def is_collective(node: torch.fx.Node) -> bool:
+    """A call that communicates with other ranks (a wait on one included)."""
+    return node.op == "call_function" and getattr(node.target, "namespace", None) in _COLLECTIVE_NAMESPACES
+
+
+def is_wait(node: torch.fx.Node) -> bool:
+    """A ``wait_tensor``: the point where a functional collective's result is ready."""
+    return is_collective(node) and node.target._schema.name.endswith("wait_tensor")
+
+
+def collective_groups(graph: torch.fx.Graph) -> list[str]:
+    """The process groups that the graph's collectives talk over, each once, in graph order."""
+    groups: list[str] = []
+    for node in graph.nodes:
+        if is_collective(node) and not is_wait(node):
+            group = _arg(node, "group_name")
+            if isinstance(group, str) and group not in groups:
+                groups.append(group)
+    return groups
+
+
+def _dead_collective_wait(node: torch.fx.Node) -> bool:
+    """A wait whose collective delivers to no one: the wait and all other users of the collective
+    are waits that nothing reads (a functional collective is pure, only its wait is marked)."""
+    if not is_wait(node) or node.users:
+        return False
+    source = node.args[0] if node.args else None
+    if not isinstance(source, torch.fx.Node) or not is_collective(source) or is_wait(source):
+        return False
+    if source.target._schema.is_mutable:
+        return False
+    return all(is_wait(u) and not u.users for u in source.users)
 
 def _arg(node: torch.fx.Node, name: str, missing: object = None) -> object:
     """The value of the schema argument ``name`` of a call (positional, keyword or the schema's
@@ -50,8 +96,9 @@ def _unused_randomness(node: torch.fx.Node) -> bool:
 
 def has_side_effects(node: torch.fx.Node) -> bool:
     """True for a node that must run even when nothing reads it: placeholders and outputs,
-    mutating and effectful ops, and random ops (dropout that draws nothing excepted)."""
-    if _unused_randomness(node):
+    mutating and effectful ops, and random ops (dropout that draws nothing excepted). A wait on a
+    functional collective whose result nothing reads is not: the collective goes with it."""
+    if _unused_randomness(node) or _dead_collective_wait(node):
         return False
     return node.is_impure(impure_random=True)
 
@@ -131,6 +178,6 @@ def frozen_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if has_side_effects(node) or any(n in mutated for n, _ in _tensor_args(node)):
+        if has_side_effects(node) or is_collective(node) or any(n in mutated for n, _ in _tensor_args(node)):
             frozen.add(node)
     return frozen

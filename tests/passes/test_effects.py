@@ -86,3 +86,60 @@ def test_pixart_all_compute_is_the_model_off_its_native_resolution(size):
     cached = cc.optimize(model, cc.Schedule.fora(2, 1))
     with torch.no_grad():
         assert torch.equal(cached(**call).sample, model(**call).sample)
+
+
+C10D = torch.ops._c10d_functional
+
+
+def _collective_graph() -> torch.fx.GraphModule:
+    """Four all-to-alls as a context-parallel attention records them (collective, then wait): a
+    dead one, two identical live ones, one with a dead and a live wait; and an in-place
+    all-reduce whose result nothing reads."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+
+    def all_to_all(name):
+        return g.create_node("call_function", C10D.all_to_all_single.default, (x, [2, 2], [2, 2], "0"), name=name)
+
+    def wait(node, name):
+        return g.create_node("call_function", C10D.wait_tensor.default, (node,), name=name)
+
+    wait(all_to_all("dead"), "dead_wait")
+    live_a = wait(all_to_all("live_a"), "live_a_wait")
+    live_b = wait(all_to_all("live_b"), "live_b_wait")  # the same op on the same input as live_a
+    shared = all_to_all("shared")
+    wait(shared, "shared_dead_wait")
+    shared_live = wait(shared, "shared_live_wait")
+    reduced = g.create_node("call_function", C10D.all_reduce_.default, (x, "sum", "0"), name="inplace")
+    wait(reduced, "inplace_wait")
+    total = g.call_function(torch.ops.aten.add.Tensor, (live_a, live_b))
+    g.output((g.call_function(torch.ops.aten.add.Tensor, (total, shared_live)),))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_a_collective_is_dropped_with_its_waits_only_when_nothing_reads_it():
+    from cachecompile.passes import counters
+    from cachecompile.passes.dce import remove_dead_code
+    from cachecompile.passes.effects import is_collective, is_wait
+
+    gm = _collective_graph()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert is_collective(nodes["dead"]) and is_wait(nodes["dead_wait"]) and not is_wait(nodes["dead"])
+    assert not has_side_effects(nodes["dead_wait"])  # its collective delivers to no one
+    assert has_side_effects(nodes["shared_dead_wait"])  # its collective has a live wait
+    assert has_side_effects(nodes["inplace_wait"])  # an in-place collective writes its input
+    before = counters["collectives_removed"]
+    remove_dead_code(gm)
+    left = [n.name for n in gm.graph.nodes if is_collective(n)]
+    assert left == ["live_a", "live_a_wait", "live_b", "live_b_wait", "shared", "shared_dead_wait",
+                    "shared_live_wait", "inplace", "inplace_wait"]
+    assert counters["collectives_removed"] - before == 1
+
+
+def test_collectives_are_never_merged_or_moved():
+    gm = _collective_graph()
+    frozen = frozen_nodes(gm.graph)
+    assert {n.name for n in gm.graph.nodes if n.op == "call_function" and "c10d" in str(n.target)} <= {n.name for n in frozen}
+    order = [n.name for n in gm.graph.nodes]
+    merge_common_subexpressions(gm)
+    assert [n.name for n in gm.graph.nodes] == order  # live_a and live_b are the same op: not merged

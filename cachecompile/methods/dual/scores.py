@@ -339,7 +339,8 @@ def _check_state_shape(shape: tuple, slot: str, batch: Any, tokens: int) -> None
             f"{slot} has shape {tuple(map(hint, shape))} but the partial region has {hint(batch)} samples × "
             f"{hint(tokens)} tokens "
             f"(the attention attends over other tokens than the MLP sees, e.g. joint text+image "
-            f"attention); use score='random' or 'staleness' for this model"
+            f"attention, or under context parallelism the whole sequence while the MLP sees this rank's "
+            f"shard); use score='random' or 'staleness' for this model"
         )
 
 

@@ -14,6 +14,12 @@ At a :class:`~cachecompile.methods.dynamic.schedule.Decide` step the pass
    counters and ``reuse`` itself (:data:`~cachecompile.core.program.DECISION_SLOT`, which the
    runtime keeps per step without reading it).
 
+Under context parallelism (the step graph holds collectives) each rank's probe is its shard of
+the sequence: the metric's sums are all-reduced over the ranks' process group before the ratio,
+so every rank compares the whole sequence's change and takes the same branch (the segment's
+collectives run on every rank or on none). A probe that every rank holds whole gives the same
+ratio: numerator and denominator grow alike.
+
 No graph break and no per-step Python: the decision is data. Inductor and AOTInductor lower the
 ``cond`` to an ``if`` on the predicate (one scalar read inside the compiled step, on GPU a
 device-to-host copy); ONNX exports it as ``If``.
@@ -44,6 +50,7 @@ from cachecompile.methods.dual.stack import stream_input
 from cachecompile.methods.dynamic.schedule import PROBE_SLOT, RESIDUAL_SLOT, STATE_SLOT, Decide, Record
 from cachecompile.passes import counters
 from cachecompile.passes.cache_io import add_cache_input, add_cache_output
+from cachecompile.passes.effects import collective_groups
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,7 @@ class _Graph:
         self.gm = gm
         vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
         self.fake_mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+        self.group: str | None = None  # the ranks' process group under context parallelism
 
     def example(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.fake_mode.from_tensor(tensor, static_shapes=True) if self.fake_mode is not None else tensor
@@ -207,6 +215,7 @@ def _record(gm: torch.fx.GraphModule, regions: RegionMap, action: Record) -> Non
 
 def _decide(gm: torch.fx.GraphModule, regions: RegionMap, action: Decide) -> None:
     g = _Graph(gm)
+    g.group = _ranks_group(gm, action.policy)
     h0, seg_in, seg_out, order, source = _segment(gm, regions, action.policy, action.first, action.last)
     doomed = [n for n in gm.graph.nodes if n in set(order) or (_is_assert(n) and set(n.all_input_nodes) & set(order))]
     prev = add_cache_input(gm, PROBE_SLOT, source)
@@ -247,11 +256,30 @@ def threshold_for(threshold: float) -> float:
     return v.item()
 
 
+def _ranks_group(gm: torch.fx.GraphModule, policy: str) -> str | None:
+    """The process group the model's collectives use (context parallelism), or None."""
+    groups = collective_groups(gm.graph)
+    if len(groups) > 1:
+        raise RegionError(
+            f"{policy}: the model's collectives use {len(groups)} process groups ({', '.join(groups)}); a decision "
+            f"taken alike on every rank needs one (Ulysses or ring alone, not both)"
+        )
+    return groups[0] if groups else None
+
+
 def _relative_l1(g: _Graph, probe: torch.fx.Node, prev: torch.fx.Node, probe_first: bool) -> torch.fx.Node:
-    """``mean|a − b| / mean|prev|`` as float32, with the operand order of the reference."""
+    """``mean|a − b| / mean|prev|`` as float32, with the operand order of the reference; with a
+    process group (``g.group``), ``Σ|a − b| / Σ|prev|`` summed over every rank's shard."""
     a, b = (probe, prev) if probe_first else (prev, probe)
-    num = g.call(aten.mean.default, g.call(aten.abs.default, g.call(aten.sub.Tensor, a, b)))
-    den = g.call(aten.mean.default, g.call(aten.abs.default, prev))
+    if g.group is None:
+        num = g.call(aten.mean.default, g.call(aten.abs.default, g.call(aten.sub.Tensor, a, b)))
+        den = g.call(aten.mean.default, g.call(aten.abs.default, prev))
+    else:
+        c10d = torch.ops._c10d_functional
+        sums = g.call(aten.stack.default, [g.call(aten.sum.default, g.call(aten.abs.default, g.call(aten.sub.Tensor, a, b))),
+                                           g.call(aten.sum.default, g.call(aten.abs.default, prev))])
+        sums = g.call(c10d.wait_tensor.default, g.call(c10d.all_reduce.default, sums, "sum", g.group))
+        num, den = g.call(aten.select.int, sums, 0, 0), g.call(aten.select.int, sums, 0, 1)
     rel = g.call(aten.div.Tensor, num, den)
     if rel.meta["val"].dtype != torch.float32:
         rel = g.call(aten._to_copy.default, rel, dtype=torch.float32)
