@@ -169,8 +169,8 @@ class _Capture:
         distinct: dict[StepPlan, int] = {}
         graph_of_step = [distinct.setdefault(p, len(distinct)) for p in plans]
         graphs = [self._copy(self._rewrite(p)) for p in distinct]
-        # schedule-wide: dead cache writes of this program, then what they free
-        finish_step_graphs(graphs, graph_of_step)
+        # schedule-wide: dead cache writes of this program, then what they free, then the storage dtype
+        finish_step_graphs(graphs, graph_of_step, self.region_map, schedule.cache_dtype)
         if open_ended:
             plans, graph_of_step = plans[:num_steps], graph_of_step[:num_steps]
             used = sorted(set(graph_of_step))
