@@ -46,6 +46,7 @@ __all__ = [
     "json_fields",
     "state_tokens",
     "CACHE_DTYPES",
+    "register_cache_sizer",
     "cache_dtype_name",
 ]
 
@@ -280,6 +281,16 @@ def register_rule_transform(fn: Callable[[list[dict[str, Action]], "Schedule", L
     """Register a transform applied to the resolved rules of every schedule (see ``_RULE_TRANSFORMS``)."""
     if fn not in _RULE_TRANSFORMS:
         _RULE_TRANSFORMS.append(fn)
+
+
+# How big a schedule's cache is for a model: measured on the step graphs, which the schedule core
+# cannot build; cachecompile's package registers cachecompile.api.cache_bytes here.
+_CACHE_SIZER: list[Callable[..., int]] = []
+
+
+def register_cache_sizer(fn: Callable[..., int]) -> None:
+    """Register ``fn(model, schedule, example_inputs, **options) -> bytes`` (see :meth:`Schedule.cache_bytes`)."""
+    _CACHE_SIZER[:] = [fn]
 
 
 # --------------------------------------------------------------------------- schedule
@@ -604,6 +615,23 @@ class Schedule:
         if label is not None:
             return [label(s, step) for step in range(s.num_steps)]
         return ["full" if not acts else "cached" for acts in s.rules(_GENERIC)]
+
+    # ----------------------------------------------------------------- footprint
+    def cache_bytes(self, model: Any, example_inputs: Any, **options: Any) -> int:
+        """The bytes the cache store will hold for ``model`` under this schedule, called with
+        ``example_inputs`` (a dict of keyword arguments, a tuple of positional ones, or one tensor):
+        every slot its step graphs write, at that call's batch size and in its storage dtype
+        (``cache_dtype``), per call of a step. Nothing runs and the model is not changed (the
+        step graphs are built on a capture, as :func:`cachecompile.optimize` would). Options:
+        ``num_steps`` (required when the schedule has no step count), ``calls_per_step``,
+        ``regions``, ``dynamic_batch`` (see :func:`cachecompile.cache_bytes`).
+
+        >>> Schedule.fora(interval=3).cache_bytes(model, inputs, num_steps=50)  # doctest: +SKIP
+        9437184
+        """
+        if not _CACHE_SIZER:  # pragma: no cover - import cachecompile registers it
+            raise RuntimeError("Schedule.cache_bytes needs the compiler: import cachecompile first")
+        return _CACHE_SIZER[0](model, self, example_inputs, **options)
 
     # ----------------------------------------------------------------- io
     def to_dict(self) -> dict[str, Any]:
