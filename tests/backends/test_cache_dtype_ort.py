@@ -33,3 +33,16 @@ def test_onnxruntime_agrees_with_eager(dtype):
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)
     assert ort.cache_bytes == eager.cache_bytes
     assert {t.dtype for t in ort._store._buffers.values()} == {dtype}
+
+
+def test_an_onnx_artifact_keeps_the_storage_dtype(tmp_path):
+    model = make_dit(num_layers=2)
+    labels = torch.tensor([1, 2])
+    cached = cc.optimize(model, cc.Schedule.fora(STEPS, 2, cache_dtype=torch.bfloat16))
+    expected = ddim_sample(cached, labels, **SAMPLE)
+    loaded = cc.load(cached.export(tmp_path / "fora-bf16", format="onnx"))
+    assert loaded.schedule == cached.schedule and loaded.schedule.cache_dtype == "bfloat16"
+    got = ddim_sample(loaded, labels, **SAMPLE)
+    assert ((got - expected).abs().mean() / expected.abs().mean()).item() <= 1e-4
+    assert loaded.cache_bytes == cached.cache_bytes
+    assert {t.dtype for t in loaded._store._buffers.values()} == {torch.bfloat16}
