@@ -378,7 +378,7 @@ def _configs(
                 )
     hw = _load_handwritten() if handwritten else None
     for spec, schedule in schedules:
-        if not handwritten or schedule.method != "fora":
+        if not handwritten or schedule.method != "fora" or schedule.cache_dtype is not None:
             continue
         make = lambda i=schedule.params["interval"]: hw.handwritten_fora(bm.model, steps, i)  # noqa: E731
         configs.append(
@@ -386,7 +386,9 @@ def _configs(
                    f"hw:{spec}", make, method="fora", step_kinds=schedule.step_kinds(),
                    unavailable="" if hw else "examples/handwritten_fora.py not found (it ships in the source checkout only)")
         )
-    configs += _peer_configs(run, schedules, backends, peers)
+    # the hand-written FORA and the peers keep their cache in the model's dtype: they pair with
+    # our schedules that do too
+    configs += _peer_configs(run, [(spec, s) for spec, s in schedules if s.cache_dtype is None], backends, peers)
     return configs
 
 
