@@ -83,6 +83,16 @@ def test_casts_sit_at_the_cache_io_and_compute_stays_float32(model):
         for value in outs:  # write: a cast to bfloat16 of a float32 value
             assert value.target is TO_COPY and value.kwargs["dtype"] == torch.bfloat16
             assert value.args[0].meta["val"].dtype == torch.float32
+        # each read is cast back just before its first use and each write right where it is computed,
+        # so full-precision copies live only while used: compute runs between consecutive casts
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        for ph in reads:
+            (back,) = ph.users
+            assert order[back] < min(order[u] for u in back.users)
+        for value in outs:
+            assert order[value] == order[value.args[0]] + 1
+        casts = sorted([order[next(iter(ph.users))] for ph in reads] + [order[v] for v in outs])
+        assert all(b - a > 1 for a, b in zip(casts, casts[1:]))
         # nothing else is in bfloat16: the casts are the only low-precision values
         low_nodes = [n for n in gm.graph.nodes if n.op != "output" and getattr(n.meta.get("val"), "dtype", None) == torch.bfloat16]
         assert len(low_nodes) == len(io.cache_inputs) + len(io.cache_outputs)
