@@ -24,7 +24,7 @@ from cachecompile.core.errors import (
     StepMismatchError,
 )
 from cachecompile.core.regions import RegionPatterns
-from cachecompile.core.schedule import COMPUTE, REUSE, Action, Layout, Schedule, StepPlan
+from cachecompile.core.schedule import COMPUTE, REUSE, Action, Layout, Schedule, StepPlan, register_cache_sizer
 from cachecompile.core.version import __version__  # noqa: F401
 from cachecompile.methods.compensation import EOC, GOC, Taylor  # importing methods registers every method
 
@@ -37,7 +37,15 @@ _LAZY = {
     "CachedTransformer": "cachecompile.runtime.cached",
     "calibrate": "cachecompile.calibration",
     "flops_ratio": "cachecompile.tools.flops",
+    "cache_bytes": "cachecompile.api",
 }
+
+
+def _cache_bytes(*args: Any, **kwargs: Any) -> int:
+    return importlib.import_module("cachecompile.api").cache_bytes(*args, **kwargs)
+
+
+register_cache_sizer(_cache_bytes)  # Schedule.cache_bytes, answered by the compiler
 
 
 def __getattr__(name: str) -> Any:
@@ -67,6 +75,7 @@ __all__ = [
     "Taylor",
     "calibrate",
     "flops_ratio",
+    "cache_bytes",
     "load",
     "ArtifactError",
 ]

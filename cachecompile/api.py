@@ -4,18 +4,20 @@ never import each other."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
 
 from cachecompile.compile.driver import DEFAULT_MAX_CAPTURES, Compiler
+from cachecompile.core.errors import ScheduleError
 from cachecompile.core.regions import RegionPatterns
 from cachecompile.core.schedule import Schedule
 from cachecompile.pipelines import attach_to_pipeline
 from cachecompile.runtime.cached import CachedTransformer
 from cachecompile.runtime.steps import check_calls_per_step
 
-__all__ = ["optimize", "load"]
+__all__ = ["optimize", "load", "cache_bytes"]
 
 
 def optimize(
@@ -95,6 +97,68 @@ def optimize(
     if example_args is not None or example_kwargs is not None:
         cached.prepare(*(example_args or ()), **dict(example_kwargs or {}))
     return cached
+
+
+def cache_bytes(
+    model: Any,
+    schedule: Schedule,
+    example_inputs: Any,
+    *,
+    num_steps: int | None = None,
+    calls_per_step: int = 1,
+    regions: RegionPatterns | None = None,
+    dynamic_batch: bool = True,
+) -> int:
+    """The bytes the cache store of ``cc.optimize(model, schedule)`` will hold once a generation
+    has run on calls like ``example_inputs`` (``cached.cache_bytes`` afterwards), known before
+    anything runs: every cache slot the schedule's step graphs write, at the inputs' batch size,
+    in the dtype it is stored in (the schedule's ``cache_dtype``), once per call of a step. Any
+    backend holds the same. The step graphs are built as ``optimize`` builds them, on a capture
+    (``torch.export`` traces with fake tensors): the model is neither run nor changed.
+
+    >>> schedule = cc.Schedule.fora(interval=3)                                # doctest: +SKIP
+    >>> cc.cache_bytes(model, schedule, dict(hidden_states=x, timestep=t, class_labels=y), num_steps=50)  # doctest: +SKIP
+
+    Args:
+        model: the transformer (or a pipeline with a ``transformer``).
+        schedule: a :class:`Schedule`; one without a step count needs ``num_steps`` (which slots
+            are written can depend on the length).
+        example_inputs: the transformer's call: a dict of keyword arguments, a tuple of positional
+            arguments, or one tensor.
+        calls_per_step: transformer calls per step (each call keeps its own cache).
+        regions, dynamic_batch: as for :func:`optimize`.
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a cachecompile.Schedule, got {type(schedule).__name__}")
+    transformer = getattr(model, "transformer", None)
+    if not isinstance(model, torch.nn.Module) and isinstance(transformer, torch.nn.Module):
+        model = transformer
+    if isinstance(model, CachedTransformer):
+        model = model.model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"cache_bytes() takes a torch.nn.Module or a pipeline with .transformer, got {type(model).__name__}")
+    if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+        raise ValueError(f"calls_per_step must be an integer >= 1, got {calls_per_step!r}")
+    if num_steps is None and schedule.num_steps is None:
+        raise ScheduleError(
+            f"{schedule!r} binds to each generation's length, and which cache slots it writes can depend on it: "
+            f"pass num_steps= (the generation's number of steps), or bind it (schedule.bind(n))"
+        )
+    length = schedule.bind(num_steps).num_steps if num_steps is not None else schedule.num_steps
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    compiler = Compiler(schedule, "eager", regions=regions, dynamic_batch=dynamic_batch)
+    slots = compiler.cache_slots(model, args, kwargs, length)
+    per_call = sum(math.prod(shape) * _itemsize(dtype) for shape, dtype in slots.values())
+    return per_call * calls_per_step
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def load(path: Any, **options: Any) -> CachedTransformer:

@@ -12,6 +12,8 @@ ONNX Runtime silently falls back to the CPU provider when a requested one is una
 
 from __future__ import annotations
 
+import ctypes
+
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,8 +77,22 @@ class OrtStep:
         self._session.run_with_iobinding(binding)
         if any(r is None for r in results):
             ort_values = binding.get_outputs()
-            results = [r if r is not None else torch.from_numpy(ort_values[i].numpy()) for i, r in enumerate(results)]
+            results = [r if r is not None else _from_ort(ort_values[i], spec.torch_dtype)
+                       for i, (r, spec) in enumerate(zip(results, self._outputs))]
         return tuple(results)  # type: ignore[arg-type]
+
+
+def _from_ort(value: Any, dtype: torch.dtype) -> Tensor:
+    """An output ONNX Runtime allocated on the CPU, as a torch tensor of its own. numpy has no
+    bfloat16 or float8 (a low-precision cache, ``cache_dtype``): those are copied byte for byte."""
+    if dtype not in _NOT_IN_NUMPY:
+        return torch.from_numpy(value.numpy())
+    out = torch.empty(value.shape(), dtype=dtype)
+    ctypes.memmove(out.data_ptr(), value.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
+_NOT_IN_NUMPY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
 def _index(device: torch.device) -> int:

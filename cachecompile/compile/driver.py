@@ -25,10 +25,12 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from cachecompile import methods
 from cachecompile.backends import check_options
@@ -111,6 +113,18 @@ class Compiler:
         with _BUILD_LOCK:
             return self._capture_for(model, args, kwargs).program(num_steps, open_ended)
 
+    def cache_slots(
+        self, model: torch.nn.Module, args: tuple, kwargs: dict, num_steps: int, *, open_ended: bool = False
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Each cache slot the program of ``model(*args, **kwargs)`` for ``num_steps`` steps
+        writes, with the shape (at this call's batch size) and dtype of its value: the step
+        graphs are built as for running (captured on fake tensors by ``torch.export``), not
+        lowered and not run."""
+        with _BUILD_LOCK:
+            cap = self._capture_for(model, args, kwargs)
+            batch = cap.call.batch_of(cap.call.tensors(args, kwargs))
+            return cap.cache_slots(num_steps, open_ended, batch)
+
     def export(self, program: StepProgram, model: torch.nn.Module, path: Any, format: str, **options: Any) -> Path:
         """Write ``program``'s step graphs as an artifact (see :mod:`cachecompile.compile.export`)."""
         return export_program(program, model, path, format, **options)
@@ -159,18 +173,19 @@ class _Capture:
             self._programs[key] = self._build(num_steps, open_ended)
         return self._programs[key]
 
-    def _build(self, num_steps: int, open_ended: bool) -> StepProgram:
-        """A program of ``num_steps`` steps. An open-ended one is resolved for twice as many
-        steps and cut: its cache writes are kept where the steps that may follow read them, and
-        its graphs are the ones every longer program uses."""
+    def _finished(self, num_steps: int, open_ended: bool) -> _Finished:
+        """The finished step graphs of a program of ``num_steps`` steps, before lowering. An
+        open-ended one is resolved for twice as many steps and cut: its cache writes are kept
+        where the steps that may follow read them, and its graphs are the ones every longer
+        program uses."""
         c = self.compiler
         schedule = c.schedule.bind(2 * num_steps if open_ended else num_steps)
         plans = schedule.resolve(self.region_map.layout)
         distinct: dict[StepPlan, int] = {}
         graph_of_step = [distinct.setdefault(p, len(distinct)) for p in plans]
         graphs = [self._copy(self._rewrite(p)) for p in distinct]
-        # schedule-wide: dead cache writes of this program, then what they free
-        finish_step_graphs(graphs, graph_of_step)
+        # schedule-wide: dead cache writes of this program, then what they free, then the storage dtype
+        finish_step_graphs(graphs, graph_of_step, self.region_map, schedule.cache_dtype)
         if open_ended:
             plans, graph_of_step = plans[:num_steps], graph_of_step[:num_steps]
             used = sorted(set(graph_of_step))
@@ -178,7 +193,31 @@ class _Capture:
             graphs = [graphs[i] for i in used]
             graph_of_step = [used.index(g) for g in graph_of_step]
             schedule = c.schedule.bind(num_steps)  # open-ended: the compiler's schedule has no step count
-        lowered = [self._lower(plan, gm) for plan, gm in zip(distinct, graphs)]
+        return _Finished(schedule, plans, list(distinct), graphs, graph_of_step)
+
+    def cache_slots(self, num_steps: int, open_ended: bool, batch: int | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every cache slot a program of ``num_steps`` steps writes, with the shape and dtype of
+        its value at batch size ``batch`` (the graphs' dynamic batch; ``None`` for the captured
+        one): what the runtime's cache store holds for each call of a step."""
+        f = self._finished(num_steps, open_ended)
+        used = set(f.graph_of_step)
+        slots: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for i, gm in enumerate(f.graphs):
+            if i not in used:
+                continue
+            io = cache_io(gm)
+            values = gm.graph.output_node().args[0][io.num_user_outputs:]
+            for slot, node in zip(io.cache_outputs, values):
+                val = node.meta["val"]
+                slots[slot] = (_sizes(val.shape, batch), val.dtype)
+        return slots
+
+    def _build(self, num_steps: int, open_ended: bool) -> StepProgram:
+        """A program of ``num_steps`` steps (see :meth:`_finished`), lowered."""
+        c = self.compiler
+        f = self._finished(num_steps, open_ended)
+        schedule, plans, graphs, graph_of_step = f.schedule, f.plans, f.graphs, f.graph_of_step
+        lowered = [self._lower(plan, gm) for plan, gm in zip(f.distinct, graphs)]
         ios = [io for _, _, io in lowered]
         runners = [runner for _, runner, _ in lowered]
         program = StepProgram(
@@ -197,7 +236,7 @@ class _Capture:
             example_inputs=list(self.captured.example_inputs),
         )
         _check_reads_follow_writes(program)
-        log.info("cachecompile: %d steps → %d step graphs (%s)", len(plans), len(distinct), c.backend)
+        log.info("cachecompile: %d steps → %d step graphs (%s)", len(plans), len(graphs), c.backend)
         return program
 
     def _rewrite(self, plan: StepPlan) -> torch.fx.GraphModule:
@@ -227,6 +266,30 @@ class _Capture:
             self._lowered[key] = (gm, runner, StepIO(list(io.cache_inputs), list(io.cache_outputs), list(io.step_inputs),
                                                      io.num_user_outputs))
         return self._lowered[key]
+
+
+@dataclass
+class _Finished:
+    """A program's step graphs after the schedule-wide passes: ``graphs[i]`` is ``distinct[i]``'s."""
+
+    schedule: Schedule
+    plans: list[StepPlan]
+    distinct: list[StepPlan]
+    graphs: list[torch.fx.GraphModule]
+    graph_of_step: list[int]
+
+
+def _sizes(shape: Any, batch: int | None) -> tuple[int, ...]:
+    """A (fake) value's sizes, each symbolic one (the dynamic batch is the graphs' only symbol)
+    at ``batch``, or at its captured example value when ``batch`` is None."""
+    out = []
+    for d in shape:
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            out.append(int(expr.xreplace({sym: batch for sym in expr.free_symbols})) if batch is not None else int(optimization_hint(d)))
+        else:
+            out.append(int(d))
+    return tuple(out)
 
 
 def _device_of(model: torch.nn.Module, examples: list[torch.Tensor]) -> torch.device:

@@ -9,12 +9,14 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from cachecompile.core.errors import ScheduleError
 from cachecompile.core.regions import RegionMap
 from cachecompile.core.schedule import StepPlan
 from cachecompile.methods.compensation.graph import compensate
 from cachecompile.methods.dual import partial_tokens, record_token_state, sink_token_scatters, stack_reuse
-from cachecompile.methods.dynamic import dynamic_reuse
+from cachecompile.methods.dynamic import RESIDUAL_SLOT, dynamic_reuse
 from cachecompile.passes import copy_graph_module
+from cachecompile.passes.cache_dtype import store_cache_in
 from cachecompile.passes.cache_io import cache_io, insert_cache_reads, insert_cache_writes, order_placeholders
 from cachecompile.passes.cse import merge_common_subexpressions
 from cachecompile.passes.dce import remove_dead_code, tidy
@@ -22,7 +24,7 @@ from cachecompile.passes.dead_writes import drop_dead_cache_writes
 from cachecompile.passes.narrow_linear import narrow_chunked_linears
 from cachecompile.passes.noop_squeeze import remove_noop_squeezes
 
-__all__ = ["STEP_PASSES", "build_step_graph", "example_inputs", "finish_step_graphs"]
+__all__ = ["STEP_PASSES", "build_step_graph", "example_inputs", "feature_slot", "finish_step_graphs", "storage_dtype"]
 
 Pass = Callable[[torch.fx.GraphModule, RegionMap, StepPlan], torch.fx.GraphModule]
 
@@ -61,15 +63,49 @@ def build_step_graph(gm: torch.fx.GraphModule, regions: RegionMap, plan: StepPla
     return step
 
 
-def finish_step_graphs(graphs: list[torch.fx.GraphModule], graph_of_step: list[int]) -> None:
+def finish_step_graphs(
+    graphs: list[torch.fx.GraphModule], graph_of_step: list[int], regions: RegionMap | None = None,
+    cache_dtype: str | None = None,
+) -> None:
     """The passes that need the whole schedule, run once all step graphs are built (in place):
-    cache writes no later step reads are dropped (:mod:`cachecompile.passes.dead_writes`), and a partial
+    cache writes no later step reads are dropped (:mod:`cachecompile.passes.dead_writes`), a partial
     recompute's scatter whose result is then no longer a cache write moves below the
-    elementwise ops that consume it (:func:`cachecompile.methods.dual.partial.sink_token_scatters`)."""
+    elementwise ops that consume it (:func:`cachecompile.methods.dual.partial.sink_token_scatters`),
+    and with a ``cache_dtype`` the cached features are stored in it
+    (:mod:`cachecompile.passes.cache_dtype`, slots chosen by :func:`feature_slot`)."""
     drop_dead_cache_writes(graphs, graph_of_step)
     for gm in graphs:
         if sink_token_scatters(gm):
             tidy(gm)
+    if cache_dtype is not None:
+        dtype = storage_dtype(cache_dtype)
+        is_feature = feature_slot(regions)
+        for gm in graphs:
+            store_cache_in(gm, dtype, is_feature)
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a schedule's ``cache_dtype`` name."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ScheduleError(f"cache_dtype {name!r} is not a dtype of this torch ({torch.__version__}); choose another")
+    return dtype
+
+
+def feature_slot(regions: RegionMap | None) -> Callable[[str], bool]:
+    """Which cache slots hold features (stored in a schedule's ``cache_dtype``): the regions'
+    outputs, their compensation history (``<slot>@h1`` ...) and a dynamic schedule's cached
+    residual. Token scores (``<slot>@v_norm``, ``@staleness``), a dynamic probe, counters and
+    decisions only steer what is computed and keep their dtype."""
+    names = {s for r in regions.regions.values() for s in r.slots} if regions is not None else set()
+
+    def is_feature(slot: str) -> bool:
+        if slot == RESIDUAL_SLOT:
+            return True
+        base, _, state = slot.partition("@")
+        return base in names and (not state or (state[:1] == "h" and state[1:].isdigit()))
+
+    return is_feature
 
 
 def example_inputs(gm: torch.fx.GraphModule, call_inputs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -45,6 +45,9 @@ __all__ = [
     "register_rule_transform",
     "json_fields",
     "state_tokens",
+    "CACHE_DTYPES",
+    "register_cache_sizer",
+    "cache_dtype_name",
 ]
 
 FORMAT = "cachecompile.core.schedule/1"
@@ -280,6 +283,16 @@ def register_rule_transform(fn: Callable[[list[dict[str, Action]], "Schedule", L
         _RULE_TRANSFORMS.append(fn)
 
 
+# How big a schedule's cache is for a model: measured on the step graphs, which the schedule core
+# cannot build; cachecompile's package registers cachecompile.api.cache_bytes here.
+_CACHE_SIZER: list[Callable[..., int]] = []
+
+
+def register_cache_sizer(fn: Callable[..., int]) -> None:
+    """Register ``fn(model, schedule, example_inputs, **options) -> bytes`` (see :meth:`Schedule.cache_bytes`)."""
+    _CACHE_SIZER[:] = [fn]
+
+
 # --------------------------------------------------------------------------- schedule
 
 
@@ -291,7 +304,30 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-_FIELDS = ("format", "num_steps", "method", "params", "mask", "steps", "compensation")
+_FIELDS = ("format", "num_steps", "method", "params", "mask", "steps", "compensation", "cache_dtype")
+
+# Dtypes the cache may be stored in (``cache_dtype``), by their torch names. The float8 ones
+# need a torch that has them (2.1 and later) and a backend that casts to them.
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+
+
+def cache_dtype_name(value: Any) -> str | None:
+    """``value`` (a ``torch.dtype`` or its name, ``"bfloat16"`` or ``"torch.bfloat16"``) as the
+    name a schedule keeps, or ``None``; a :class:`ScheduleError` for any other dtype. The
+    schedule core does not import torch: a dtype is read by its name.
+
+    >>> cache_dtype_name("torch.float16")
+    'float16'
+    """
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.") if isinstance(value, str) or type(value).__name__ == "dtype" else None
+    if name not in CACHE_DTYPES:
+        raise ScheduleError(
+            f"cache_dtype must be one of {', '.join('torch.' + n for n in CACHE_DTYPES)} (or None: the model's "
+            f"dtype), got {value!r}"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -311,8 +347,10 @@ class Schedule:
     mask: tuple[tuple[tuple[bool, ...], ...], ...] | None = None
     steps: tuple[tuple[tuple[str, Action], ...], ...] | None = None
     compensation: Any = None  # a registered compensation (GOC, EOC, Taylor ...): see register_compensation
+    cache_dtype: str | None = None  # what cached features are stored in (a name of CACHE_DTYPES); None: as computed
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_dtype", cache_dtype_name(self.cache_dtype))
         if self.num_steps is not None:
             object.__setattr__(self, "num_steps", check_int("num_steps", self.num_steps))
         if not isinstance(self.method, str) or self.method not in _METHODS:
@@ -330,15 +368,29 @@ class Schedule:
         object.__setattr__(self, "params", _FrozenDict(params))
 
     def __hash__(self) -> int:
-        return hash((self.num_steps, self.method, hash(self.params), self.mask, self.steps, self.compensation))
+        return hash((self.num_steps, self.method, hash(self.params), self.mask, self.steps, self.compensation, self.cache_dtype))
 
     # ----------------------------------------------------------------- presets
     def with_compensation(self, compensation: Any) -> "Schedule":
         """The same schedule with its ``reuse`` actions compensated (``cc.GOC(...)`` ...)."""
         return dataclasses.replace(self, compensation=compensation)
 
+    def with_cache_dtype(self, cache_dtype: Any) -> "Schedule":
+        """The same schedule with its cached features stored in ``cache_dtype``
+        (``torch.bfloat16``, ``torch.float16``, ``torch.float8_e4m3fn`` ...; ``None``: the dtype
+        they are computed in). The step graphs cast each cached feature to it where they write
+        the cache and back to the model's dtype where they read it; everything else is computed
+        as before. Token scores, dynamic probes, counters and decisions keep their dtype.
+
+        >>> Schedule.fora(interval=3).with_cache_dtype("bfloat16").cache_dtype
+        'bfloat16'
+        """
+        return dataclasses.replace(self, cache_dtype=cache_dtype)
+
     @classmethod
-    def fora(cls, num_steps: int | None = None, interval: int | None = None, *, compensation: Any = None) -> "Schedule":
+    def fora(
+        cls, num_steps: int | None = None, interval: int | None = None, *, compensation: Any = None, cache_dtype: Any = None,
+    ) -> "Schedule":
         """FORA: step ``s`` computes everything when ``s % interval == 0``; other steps reuse
         every block's attention and MLP output (taken before the adaLN gate). Without
         ``num_steps`` the schedule binds to each generation's length when it starts.
@@ -347,10 +399,13 @@ class Schedule:
         >>> Schedule.fora(interval=2).step_kinds(4)
         ['full', 'cached', 'full', 'cached']
         """
-        return cls(num_steps=num_steps, method="fora", params=_given(interval=interval), compensation=compensation)
+        return cls(num_steps=num_steps, method="fora", params=_given(interval=interval), compensation=compensation,
+                   cache_dtype=cache_dtype)
 
     @classmethod
-    def from_mask(cls, mask: Any, branches: Sequence[str] = ("attn", "mlp"), *, compensation: Any = None) -> "Schedule":
+    def from_mask(
+        cls, mask: Any, branches: Sequence[str] = ("attn", "mlp"), *, compensation: Any = None, cache_dtype: Any = None,
+    ) -> "Schedule":
         """A Learning-to-Cache style mask: ``mask[step][block][branch]`` is 1 to compute, 0 to
         reuse. ``mask`` may be nested lists, a numpy array, a torch tensor, or a path to a
         ``.json`` (nested lists) / ``.npy`` / ``.pt`` file.
@@ -360,18 +415,22 @@ class Schedule:
         """
         frozen = freeze_mask(_load_mask(mask), len(branches))
         return cls(
-            num_steps=len(frozen), method="mask", params={"branches": list(branches)}, mask=frozen, compensation=compensation
+            num_steps=len(frozen), method="mask", params={"branches": list(branches)}, mask=frozen, compensation=compensation,
+            cache_dtype=cache_dtype,
         )
 
     @classmethod
-    def explicit(cls, steps: Sequence[Mapping[str, str | Action]], *, compensation: Any = None) -> "Schedule":
+    def explicit(
+        cls, steps: Sequence[Mapping[str, str | Action]], *, compensation: Any = None, cache_dtype: Any = None,
+    ) -> "Schedule":
         """One dict per step mapping region names (``blocks.3.mlp``, ``stack`` ...) to actions
         (``"reuse"``, ``"compute"`` or an :class:`Action`); regions not named are computed.
 
         >>> Schedule.explicit([{}, {"blocks.0.attn": "reuse"}]).num_steps
         2
         """
-        return cls(num_steps=_count(steps, "steps"), method="explicit", steps=_freeze_steps(steps), compensation=compensation)
+        return cls(num_steps=_count(steps, "steps"), method="explicit", steps=_freeze_steps(steps), compensation=compensation,
+                   cache_dtype=cache_dtype)
 
     @classmethod
     def toca(
@@ -383,6 +442,7 @@ class Schedule:
         *,
         seed: int = 0,
         compensation: Any = None,
+        cache_dtype: Any = None,
     ) -> "Schedule":
         """ToCa: full steps every ``interval``; other steps reuse attention and recompute each
         MLP for the ``round(fresh_ratio × tokens)`` top-scoring tokens. ``fresh_ratio``: a number,
@@ -394,7 +454,7 @@ class Schedule:
         ['full', 'conservative', 'full', 'conservative']
         """
         params = {**_given(interval=interval, fresh_ratio=fresh_ratio), "score": score, "seed": seed}
-        return cls(num_steps=num_steps, method="toca", params=params, compensation=compensation)
+        return cls(num_steps=num_steps, method="toca", params=params, compensation=compensation, cache_dtype=cache_dtype)
 
     @classmethod
     def duca(
@@ -407,6 +467,7 @@ class Schedule:
         *,
         seed: int = 0,
         compensation: Any = None,
+        cache_dtype: Any = None,
     ) -> "Schedule":
         """DuCa: ``s % interval == 0`` full; ``(s % interval)`` odd: conservative (a ToCa step);
         even: aggressive, the whole block stack reused (``aggressive_reuse="output"``: its cached
@@ -420,7 +481,7 @@ class Schedule:
             **_given(interval=interval, fresh_ratio=fresh_ratio), "score": score, "seed": seed,
             "aggressive_reuse": aggressive_reuse,
         }
-        return cls(num_steps=num_steps, method="duca", params=params, compensation=compensation)
+        return cls(num_steps=num_steps, method="duca", params=params, compensation=compensation, cache_dtype=cache_dtype)
 
     # ----------------------------------------------------------------- length
     @property
@@ -464,6 +525,7 @@ class Schedule:
         max_continuous_cached_steps: int | None = None,
         *,
         num_steps: int | None = None,
+        cache_dtype: Any = None,
     ) -> "Schedule":
         """DBCache (cache-dit's ``DBCacheConfig``), decided in the step graph: the first
         ``compute_first`` blocks always run; when the relative L1 change of their residual against
@@ -479,12 +541,12 @@ class Schedule:
             "warmup_steps": warmup_steps, "max_cached_steps": max_cached_steps,
             "max_continuous_cached_steps": max_continuous_cached_steps,
         }
-        return cls(num_steps=num_steps, method="dbcache", params=params)
+        return cls(num_steps=num_steps, method="dbcache", params=params, cache_dtype=cache_dtype)
 
     @classmethod
     def teacache(
         cls, threshold: float, coefficients: Any, *, warmup_steps: int = 1, compute_last_step: bool = True,
-        num_steps: int | None = None,
+        num_steps: int | None = None, cache_dtype: Any = None,
     ) -> "Schedule":
         """TeaCache, decided in the step graph: the rescaled relative L1 change of block 0's
         timestep-modulated input is accumulated; below ``threshold`` the whole block stack is
@@ -497,12 +559,12 @@ class Schedule:
         """
         params = {"threshold": threshold, "coefficients": coefficients, "warmup_steps": warmup_steps,
                   "compute_last_step": compute_last_step}
-        return cls(num_steps=num_steps, method="teacache", params=params)
+        return cls(num_steps=num_steps, method="teacache", params=params, cache_dtype=cache_dtype)
 
     @classmethod
     def magcache(
         cls, threshold: float, max_skip_steps: int, ratios: Any, *, retention_ratio: float = 0.2,
-        num_steps: int | None = None,
+        num_steps: int | None = None, cache_dtype: Any = None,
     ) -> "Schedule":
         """MagCache (diffusers' ``MagCacheConfig`` rule) from calibrated per-step magnitude
         ``ratios`` (``cc.calibrate``): reuse the stack's residual while the accumulated error
@@ -515,7 +577,7 @@ class Schedule:
         """
         params = {"threshold": threshold, "max_skip_steps": max_skip_steps, "ratios": ratios,
                   "retention_ratio": retention_ratio}
-        return cls(num_steps=num_steps, method="magcache", params=params)
+        return cls(num_steps=num_steps, method="magcache", params=params, cache_dtype=cache_dtype)
 
     # ----------------------------------------------------------------- resolution
     def rules(self, layout: Layout) -> list[dict[str, Action]]:
@@ -554,6 +616,23 @@ class Schedule:
             return [label(s, step) for step in range(s.num_steps)]
         return ["full" if not acts else "cached" for acts in s.rules(_GENERIC)]
 
+    # ----------------------------------------------------------------- footprint
+    def cache_bytes(self, model: Any, example_inputs: Any, **options: Any) -> int:
+        """The bytes the cache store will hold for ``model`` under this schedule, called with
+        ``example_inputs`` (a dict of keyword arguments, a tuple of positional ones, or one tensor):
+        every slot its step graphs write, at that call's batch size and in its storage dtype
+        (``cache_dtype``), per call of a step. Nothing runs and the model is not changed (the
+        step graphs are built on a capture, as :func:`cachecompile.optimize` would). Options:
+        ``num_steps`` (required when the schedule has no step count), ``calls_per_step``,
+        ``regions``, ``dynamic_batch`` (see :func:`cachecompile.cache_bytes`).
+
+        >>> Schedule.fora(interval=3).cache_bytes(model, inputs, num_steps=50)  # doctest: +SKIP
+        9437184
+        """
+        if not _CACHE_SIZER:  # pragma: no cover - import cachecompile registers it
+            raise RuntimeError("Schedule.cache_bytes needs the compiler: import cachecompile first")
+        return _CACHE_SIZER[0](model, self, example_inputs, **options)
+
     # ----------------------------------------------------------------- io
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"format": FORMAT, "num_steps": self.num_steps, "method": self.method}
@@ -564,6 +643,8 @@ class Schedule:
             d["steps"] = [{r: a.to_json() for r, a in step} for step in self.steps]
         if self.compensation is not None:
             d["compensation"] = self.compensation.to_json()
+        if self.cache_dtype is not None:
+            d["cache_dtype"] = self.cache_dtype
         return d
 
     @classmethod
@@ -588,6 +669,7 @@ class Schedule:
             compensation=None if comp is None else compensation_from_json(comp),
             mask=None if mask is None else freeze_mask(mask, None),
             steps=None if steps is None else _freeze_steps(steps),
+            cache_dtype=d.get("cache_dtype"),
         )
 
     def dumps(self) -> str:
@@ -627,6 +709,8 @@ class Schedule:
         parts += [f"{k}={v!r}" for k, v in sorted(self.params.items())]
         if self.compensation is not None:
             parts.append(f"compensation={self.compensation!r}")
+        if self.cache_dtype is not None:
+            parts.append(f"cache_dtype=torch.{self.cache_dtype}")
         return f"Schedule.{self.method}({', '.join(parts)})"
 
 

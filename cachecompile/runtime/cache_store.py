@@ -46,6 +46,18 @@ class CacheStore:
             buf.copy_(value)
         self._written.add((call, slot))
 
+    def release(self, call: int, slots: Iterable[str]) -> None:
+        """Drop the store's reference to the values of ``slots``, which the step about to run
+        writes anew without reading them: the old values are freed before the step computes the
+        new ones (else a full step holds the whole cache twice at its peak). In place, the
+        buffers are kept (their addresses must stay); the slots must be written before they are
+        read again."""
+        if self.in_place:
+            return
+        for slot in slots:
+            self._buffers.pop((call, slot), None)
+            self._written.discard((call, slot))
+
     def write_all(self, call: int, items: Iterable[tuple[str, torch.Tensor]], caller: Iterable[Any] = ()) -> None:
         """Write one step's values. A value that shares storage with what it must not alias is
         cloned first: by reference, the ``caller``'s tensors (the step's inputs and the outputs

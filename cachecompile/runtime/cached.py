@@ -395,6 +395,8 @@ class CachedTransformer(HoldsModel):
         io = program.io[idx]
         cache_in = [self._store.read(call, slot) for slot in io.cache_inputs]
         step_in = [program.step_values[name][step] for name in io.step_inputs]
+        # what this step rewrites without reading it is freed before the step computes anew
+        self._store.release(call, [slot for slot in io.cache_outputs if slot not in io.cache_inputs])
         outs = program.runners[idx](*tensors, *cache_in, *step_in)
         n = program.call.num_outputs
         self._store.write_all(call, zip(io.cache_outputs, outs[n:]), caller=(*tensors, *outs[:n]))

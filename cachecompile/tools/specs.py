@@ -12,6 +12,8 @@
     teacache:THRESHOLD                     Schedule.teacache, coefficients to calibrate (cc.calibrate)
     magcache:THRESHOLD[:MAX_SKIP]          Schedule.magcache (default 3), ratios to calibrate (cc.calibrate)
     BASE+goc | +taylor1 | +taylor2         with a compensation (GOC: computed queue, weight 0.5)
+    SPEC@DTYPE                             the cache stored in DTYPE: bf16, fp16, fp8 (e4m3fn), fp8e5m2,
+                                           fp32, or a torch name (bfloat16, float8_e4m3fn ...)
     FILE.json                              a saved schedule
 
 >>> parse_schedule("duca:4:0.25:v_norm+0.25*staleness:residual", 12).params["aggressive_reuse"]
@@ -20,6 +22,8 @@
 Taylor(order=1)
 >>> parse_schedule("dbcache:0.1:2:1:3", 12).params["compute_last"]
 1
+>>> parse_schedule("fora:3+taylor1@bf16", 12).cache_dtype
+'bfloat16'
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Callable
 
 import cachecompile as cc
 
-__all__ = ["parse_schedule", "COMPENSATIONS", "SpecError"]
+__all__ = ["parse_schedule", "COMPENSATIONS", "CACHE_DTYPE_ALIASES", "SpecError"]
 
 
 class SpecError(ValueError):
@@ -42,10 +46,20 @@ COMPENSATIONS: dict[str, Callable[[], Any]] = {
 }
 
 
+# Short names of the cache storage dtypes (``SPEC@DTYPE``); torch's own names are read too.
+CACHE_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn",
+                       "fp8e4m3": "float8_e4m3fn", "fp8e5m2": "float8_e5m2"}
+
+
 def parse_schedule(spec: str, num_steps: int, num_blocks: int | None = None) -> cc.Schedule:
     """The schedule a spec names (see the module docstring) for ``num_steps`` sampling steps;
     ``mask:deep-half`` needs ``num_blocks``. A :class:`SpecError` (or the schedule's own
     :class:`~cachecompile.ScheduleError`) says what is wrong."""
+    base, at, dtype = spec.rpartition("@")
+    if at and not spec.endswith(".json"):
+        if not base or not dtype:
+            raise SpecError(f"{spec}: write the cache dtype after the schedule, e.g. fora:3@bf16")
+        return parse_schedule(base, num_steps, num_blocks).with_cache_dtype(CACHE_DTYPE_ALIASES.get(dtype, dtype))
     if spec.endswith(".json"):
         s = cc.Schedule.load(spec)
         if s.num_steps != num_steps:

@@ -1,9 +1,10 @@
 import json
 
 import pytest
+import torch
 
 import cachecompile as cc
-from cachecompile.core.schedule import COMPUTE, REUSE, Layout, ScheduleError
+from cachecompile.core.schedule import COMPUTE, REUSE, Layout, Schedule, ScheduleError
 
 LAYOUT = Layout(branches=(("attn", "mlp"),) * 3)
 
@@ -134,3 +135,43 @@ def test_schedule_is_immutable():
     s = cc.Schedule.fora(4, 2)
     with pytest.raises(TypeError):
         s.params["interval"] = 3
+
+
+# --------------------------------------------------------------------------- cache_dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, "float16", "torch.bfloat16"])
+def test_cache_dtype_round_trips_and_shows(tmp_path, dtype):
+    s = Schedule.fora(interval=3, cache_dtype=dtype)
+    name = str(dtype).removeprefix("torch.")
+    assert s.cache_dtype == name
+    path = tmp_path / "s.json"
+    s.save(path)
+    assert json.loads(path.read_text())["cache_dtype"] == name
+    back = Schedule.load(path)
+    assert back == s and hash(back) == hash(s) and back.cache_dtype == name
+    assert back.bind(6).cache_dtype == name
+    assert f"cache_dtype=torch.{name}" in str(s) and f"cache_dtype=torch.{name}" in repr(s)
+    assert s != Schedule.fora(interval=3)  # storage is part of the schedule
+    assert Schedule.fora(interval=3).with_cache_dtype(dtype) == s
+    assert "cache_dtype" not in Schedule.fora(interval=3).to_dict()  # files without it read as before
+
+
+@pytest.mark.parametrize("preset", [
+    lambda d: Schedule.toca(4, 2, 0.5, cache_dtype=d), lambda d: Schedule.duca(4, 2, 0.5, cache_dtype=d),
+    lambda d: Schedule.from_mask([[[1, 1]], [[0, 0]]], cache_dtype=d), lambda d: Schedule.explicit([{}, {"stack": "reuse"}], cache_dtype=d),
+    lambda d: Schedule.dbcache(0.1, num_steps=4, cache_dtype=d), lambda d: Schedule.teacache(0.1, [1.0, 0.0], num_steps=4, cache_dtype=d),
+])
+def test_every_preset_takes_a_cache_dtype(preset):
+    s = preset(torch.bfloat16)
+    assert s.cache_dtype == "bfloat16" and Schedule.loads(s.dumps()) == s
+
+
+@pytest.mark.parametrize("bad", [torch.int8, torch.float64, "float8_e4m3fnuz", "half", 16])
+def test_unsupported_cache_dtype_is_a_schedule_error(bad):
+    with pytest.raises(ScheduleError, match="cache_dtype must be one of"):
+        Schedule.fora(interval=3, cache_dtype=bad)
+    d = Schedule.fora(interval=3).to_dict()
+    d["cache_dtype"] = str(bad)
+    with pytest.raises(ScheduleError, match="cache_dtype"):
+        Schedule.from_dict(d)

@@ -113,6 +113,7 @@ SCHEDULES = [
     cc.Schedule.fora(6, 3, compensation=cc.GOC(0.8, skip_steps={"blocks.0.attn": (4,)}, queue="computed", steps=(1, 2, 4))),
     cc.Schedule.fora(6, 2, compensation=cc.Taylor(order=2)),
     cc.Schedule.fora(6, 3, compensation=cc.EOC(theta=0.02, prior={"blocks.0.attn": torch.ones(6, 4)}, threshold=0.1, judged={"blocks.0.attn": [1, 2]})),
+    cc.Schedule.duca(6, 3, 0.5, cache_dtype=torch.bfloat16),
 ]
 
 

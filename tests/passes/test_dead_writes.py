@@ -78,6 +78,6 @@ def test_results_are_bit_identical_without_the_schedule_wide_passes(dit, labels,
     before = (counters["dead_cache_writes"], counters["scatters_sunk"])
     finished = ddim_sample(cc.optimize(dit, schedule), labels, **sample_kwargs)
     assert counters["dead_cache_writes"] > before[0] and counters["scatters_sunk"] > before[1]
-    monkeypatch.setattr(cachecompile.compile.driver, "finish_step_graphs", lambda graphs, graph_of_step: None)
+    monkeypatch.setattr(cachecompile.compile.driver, "finish_step_graphs", lambda graphs, graph_of_step, *storage: None)
     plain = cc.optimize(dit, schedule)
     assert torch.equal(ddim_sample(plain, labels, **sample_kwargs), finished)

@@ -217,3 +217,38 @@ def test_cache_writes_never_alias_what_the_caller_holds(dit):
     cached(**inputs)
     kept = cached._store.read(0, slot)
     assert kept.data_ptr() != handed_out[0].data_ptr() and torch.equal(kept, handed_out[0])
+
+
+def test_a_full_step_frees_the_old_cache_before_it_computes(dit, labels, sample_kwargs):
+    """FORA's full steps rewrite every slot without reading one: the values of the last full step
+    are freed before the next one runs, so the cache is never held twice (by reference; CUDA-graph
+    buffers stay in place)."""
+    import weakref
+
+    expected = ddim_sample(cc.optimize(dit, cc.Schedule.fora(12, 3)), labels, **sample_kwargs)
+    cached = cc.optimize(dit, cc.Schedule.fora(12, 3))
+    ddim_sample(cached, labels, **sample_kwargs)  # builds the program
+    program, store = cached.program, cached._store
+    full = program.graph_of_step[0]
+    runner, write_all = program.runners[full], store.write_all
+    written: list = []  # weak references to the values of the last step that wrote the cache
+    seen = []  # per full step, as it starts: the store's bytes, and whether those values are gone
+
+    def watching(*args):
+        seen.append((store.nbytes, len(written), all(r() is None for r in written)))
+        return runner(*args)
+
+    def recording(call, items, caller=()):
+        items = list(items)
+        if items:
+            written[:] = [weakref.ref(v) for _, v in items]
+        return write_all(call, items, caller)
+
+    program.runners[full], store.write_all = watching, recording
+    try:
+        out = ddim_sample(cached, labels, **sample_kwargs)
+    finally:
+        program.runners[full], store.write_all = runner, write_all
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert [s for s, _, _ in seen] == [0, 0, 0, 0]  # steps 0, 3, 6, 9 start from an empty store
+    assert [n for _, n, _ in seen] == [0, 6, 6, 6] and all(gone for _, _, gone in seen)

@@ -118,6 +118,9 @@ def test_cachecompile_row_is_fora_with_two_graphs_and_no_graph_breaks(result):
     assert row["step_graphs"] == 2
     assert row["graph_breaks"] == 0 and row["recompiles"] == 0
     assert row["cache_mb"] > 0
+    # predicted before the build (cc.cache_bytes) = what the store allocated in the run
+    assert row["info"]["cache_bytes"]["predicted"] == row["info"]["cache_bytes"]["allocated"] > 0
+    assert row["cache_predicted_mb"] == row["cache_mb"]
     # Both implement FORA: same samples. Same FLOPs but for the adaLN linears (on cached steps the
     # step graph computes only the 2 gate chunks of 6: passes/narrow_linear.py) and the output
     # head's repeat of block 0's embedder (computed once: passes/cse.py).

@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 import cachecompile as cc
 from cachecompile.tools.quality_report import quality_main
@@ -22,6 +23,14 @@ def test_build_schedule_parses_every_form(tmp_path):
     assert parse_schedule(str(path), 12, 6) == cc.Schedule.fora(12, 2)
     with pytest.raises(SpecError, match="not an integer"):
         parse_schedule("fora:4+magic", 12, 6)
+    assert parse_schedule("fora:3@bf16", 12) == cc.Schedule.fora(12, 3, cache_dtype=torch.bfloat16)
+    assert parse_schedule("duca:3:0.3:v_norm+0.25*staleness@float8_e4m3fn", 12) == \
+        cc.Schedule.duca(12, 3, 0.3, "v_norm+0.25*staleness", cache_dtype=torch.float8_e4m3fn)
+    assert parse_schedule("fora:4+taylor1@fp16", 12).compensation is not None
+    with pytest.raises(cc.ScheduleError, match="cache_dtype must be one of"):
+        parse_schedule("fora:3@int8", 12)
+    with pytest.raises(SpecError, match="fora:3@bf16"):
+        parse_schedule("fora:3@", 12)
 
 
 def test_report_writes_table_json_and_pictures(tmp_path, capsys):

@@ -131,5 +131,5 @@ def calibrate_dynamic(
             table[r] = [1.0] + [float(np.mean(ratios[s])) for s in range(1, schedule.num_steps)]
         params["ratios"] = [float(v) for v in table.mean(axis=0)]
         measured = {"ratios_per_run": table.tolist()}
-    out = Schedule(num_steps=schedule.num_steps, method=schedule.method, params=params)
+    out = Schedule(num_steps=schedule.num_steps, method=schedule.method, params=params, cache_dtype=schedule.cache_dtype)
     return out, measured

@@ -202,19 +202,19 @@ def markdown_report(result: dict[str, Any]) -> str:
         "(from the medians; the targets also give its range over the rounds of interleaved runs).",
         "",
         "| implementation | schedule | backend | time (s) | speedup | vs same backend | FLOPs ratio | efficiency "
-        "| compile (s) | graphs | breaks / recompiles | peak MiB | cache MiB | max abs diff | rel-L1 | quality |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| compile (s) | graphs | breaks / recompiles | peak MiB | cache MiB | predicted cache MiB | max abs diff | rel-L1 | quality |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['impl']} | {r['schedule']} | {r['backend']} | {r['status']} |" + " |" * 12)
+            lines.append(f"| {r['impl']} | {r['schedule']} | {r['backend']} | {r['status']} |" + " |" * 13)
             continue
         graphs = r["step_graphs"] if r["step_graphs"] is not None else r["dynamo_graphs"]
         lines.append(
             f"| {r['impl']} | {r['schedule']} | {r['backend']} | {r['seconds']:.3f} | {_f(r['speedup'], '.2f')}× "
             f"| {_f(r['speedup_same_backend'], '.2f')}× | {_f(r['flops_ratio'], '.2f')}× | {_f(r['efficiency'], '.2f')} "
             f"| {_f(r['compile_seconds'], '.1f')} | {graphs if graphs is not None else '—'} "
-            f"| {r['graph_breaks']} / {r['recompiles']} | {_f(r['peak_memory_mb'], '.0f')} | {_f(r['cache_mb'], '.2f')} "
+            f"| {r['graph_breaks']} / {r['recompiles']} | {_f(r['peak_memory_mb'], '.0f')} | {_f(r['cache_mb'], '.2f')} | {_f(r.get('cache_predicted_mb'), '.2f')} "
             f"| {r['max_abs_diff']:.1e} | {r['rel_l1']:.4f} | {_quality_cell(r['quality'])} |"
         )
     lines += [

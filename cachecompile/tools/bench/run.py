@@ -65,6 +65,8 @@ class Built:
     fn: Callable[..., Any]
     step_graphs: int | None = None
     cache_bytes: Callable[[], int] | None = None
+    predicted_cache_bytes: int | None = None  # cc.cache_bytes before the build (cachecompile rows)
+    untimed_seconds: float = 0.0  # of the build, spent on what is not preparation (the prediction)
     info: Callable[[], dict] | None = None
     notes: list[str] = field(default_factory=list)
     step_kinds: list[str] | None = None  # a peer's own step labels, where its rule is fixed
@@ -120,6 +122,7 @@ class Row:
     recompiles: int | None = None
     peak_memory_mb: float | None = None
     cache_mb: float | None = None
+    cache_predicted_mb: float | None = None  # cc.cache_bytes, predicted before anything ran
     max_abs_diff: float | None = None
     rel_l1: float | None = None
     step_kinds: list[str] = field(default_factory=list)
@@ -215,7 +218,7 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
         with torch.no_grad(), fresh_compile_cache(run.compile_cache_root):
             t0 = time.perf_counter()
             built = cfg.build()
-            row.prepare_seconds = time.perf_counter() - t0
+            row.prepare_seconds = time.perf_counter() - t0 - built.untimed_seconds
             row.first_run_seconds, out = run.timed(built.fn)
             for _ in range(run.warmup - 1):
                 run.sample(built.fn)
@@ -236,6 +239,9 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
         return row, None, None
     row.step_graphs = built.step_graphs
     row.cache_mb = built.cache_bytes() / 2**20 if built.cache_bytes else None
+    if built.predicted_cache_bytes is not None:
+        row.cache_predicted_mb = built.predicted_cache_bytes / 2**20
+        row.info["cache_bytes"] = {"predicted": built.predicted_cache_bytes, "allocated": built.cache_bytes()}
     row.notes = list(built.notes)
     row.step_kinds = list(built.step_kinds or [])
     row.flops = sum(row.step_flops)
@@ -372,7 +378,7 @@ def _configs(
                 )
     hw = _load_handwritten() if handwritten else None
     for spec, schedule in schedules:
-        if not handwritten or schedule.method != "fora":
+        if not handwritten or schedule.method != "fora" or schedule.cache_dtype is not None:
             continue
         make = lambda i=schedule.params["interval"]: hw.handwritten_fora(bm.model, steps, i)  # noqa: E731
         configs.append(
@@ -380,7 +386,9 @@ def _configs(
                    f"hw:{spec}", make, method="fora", step_kinds=schedule.step_kinds(),
                    unavailable="" if hw else "examples/handwritten_fora.py not found (it ships in the source checkout only)")
         )
-    configs += _peer_configs(run, schedules, backends, peers)
+    # the hand-written FORA and the peers keep their cache in the model's dtype: they pair with
+    # our schedules that do too
+    configs += _peer_configs(run, [(spec, s) for spec, s in schedules if s.cache_dtype is None], backends, peers)
     return configs
 
 
@@ -394,10 +402,15 @@ def _cc_builder(
     dynamic = "dynamic" in schedule.step_kinds()
 
     def build() -> Built:
+        # the footprint known before anything is captured for running (checked against the store's)
+        t0 = time.perf_counter()
+        predicted = cc.cache_bytes(model, schedule, example, dynamic_batch=dynamic_batch)
+        predict_seconds = time.perf_counter() - t0
         cached = cc.optimize(model, schedule, backend, dynamic_batch=dynamic_batch)
         cached.prepare(**example)  # capture, rewrite, lower (compile) before the first run
         info = (lambda: {"decisions": cached.decisions}) if dynamic else None  # read once, after a run
-        return Built(cached, len(cached.step_graphs), lambda: cached.cache_bytes, notes=[note] if note else [], info=info)
+        return Built(cached, len(cached.step_graphs), lambda: cached.cache_bytes, predicted_cache_bytes=predicted,
+                     untimed_seconds=predict_seconds, notes=[note] if note else [], info=info)
 
     return build
 
