@@ -325,7 +325,10 @@ class CachedTransformer(HoldsModel):
     def _reset_stateful_cache(self) -> None:
         """diffusers pipelines call this at the end of every call (``maybe_free_model_hooks``): the
         generation is over, so the next call starts a new one even when only the transformer was
-        swapped."""
+        swapped. A generation of a schedule with a fixed step count that stopped early stays
+        open: its next call says the pipeline ran fewer steps than the schedule has."""
+        if self._clock.num_steps is not None and self._clock.in_generation:
+            return
         self._end_open_generation()
         self._clock.reset()
         self._store.new_generation()

@@ -92,7 +92,7 @@ def test_calls_per_step_that_does_not_fit_is_a_clear_error(pipe, uncached):
 
 def test_step_count_is_checked_before_the_first_step(pipe, uncached):
     cc.optimize(pipe, cc.Schedule.fora(STEPS, 2))
-    with pytest.raises(cc.StepMismatchError, match=rf"runs 3 denoising steps but the schedule has {STEPS}.*num_steps=3"):
+    with pytest.raises(cc.StepMismatchError, match=rf"runs 3 denoising steps but the schedule has {STEPS}.*without num_steps.*num_inference_steps={STEPS}"):
         images(pipe, inputs(steps=3))
     assert not pipe.transformer.is_captured, "nothing ran"
     pipe.transformer = pipe.transformer.model  # undo: the hook left on the pipeline does nothing then
@@ -103,11 +103,11 @@ def test_step_count_without_the_pipeline_hook(pipe):
     # fewer steps: the first generation ends early, the next one's first call goes back up in time
     pipe.transformer = cc.optimize(pipe.transformer, cc.Schedule.fora(STEPS, 2))
     images(pipe, inputs(steps=STEPS - 1))
-    with pytest.raises(cc.StepMismatchError, match=rf"went up .* after {STEPS - 1} of the schedule's {STEPS} steps"):
+    with pytest.raises(cc.StepMismatchError, match=rf"went up .* after {STEPS - 1} of the generation's {STEPS} steps.*without num_steps"):
         images(pipe, inputs(steps=STEPS - 1))
     pipe.transformer.reset()
     # more steps: the call after the schedule's last step keeps going down in time
-    with pytest.raises(cc.StepMismatchError, match="runs more steps than the schedule"):
+    with pytest.raises(cc.StepMismatchError, match="runs more steps than the generation has.*without num_steps"):
         images(pipe, inputs(steps=STEPS + 2))
 
 
