@@ -35,6 +35,7 @@ _LAZY = {
     "load": "cachecompile.api",
     "CachedTransformer": "cachecompile.runtime.cached",
     "calibrate": "cachecompile.calibration",
+    "tune": "cachecompile.tools.tune",
     "flops_ratio": "cachecompile.tools.flops",
 }
 
@@ -64,6 +65,7 @@ __all__ = [
     "EOC",
     "Taylor",
     "calibrate",
+    "tune",
     "flops_ratio",
     "load",
     "ArtifactError",
