@@ -214,8 +214,13 @@ def best_at(runs: Runs, levels: tuple[int, ...] = (2, 3, 4, 5)) -> tuple[str, li
     return head + "\n".join(lines), rows
 
 
+TIE = 1e-6  # a paired interval inside ±TIE is a numerical tie: the two sample sets are the same
+
+
 def outcome(d: dict[str, float]) -> str:
     """Which of A and B is closer to the uncached samples, where the paired interval excludes 0."""
+    if -TIE <= d["lo"] and d["hi"] <= TIE:
+        return "no difference: the same samples"
     return "A better" if d["hi"] < 0 else "B better" if d["lo"] > 0 else "no difference detected"
 
 
@@ -309,10 +314,13 @@ def pareto_figure(runs: Runs, out: Path, name: str = "quality_pareto.png") -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     specs = [s for s in runs.records if not s.startswith("none")]
-    for ax, key, xlabel in ((axes[0], "flops_ratio", "FLOPs ratio (exact)"),
-                            (axes[1], "speedup", "measured speedup (eager, 1 thread, paired with the uncached run per round)")):
+    panels = [("flops_ratio", "FLOPs ratio (exact)")]
+    if runs.timing.get("speedup"):  # measured by `study time`; without it the figure has one panel
+        panels.append(("speedup", "measured speedup (eager, 1 thread, paired with the uncached run per round)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1, 5), squeeze=False)
+    axes = axes[0]
+    for ax, (key, xlabel) in zip(axes, panels):
         for fam in sorted({family(s) for s in specs}):
             rows = [_row(runs, s) for s in specs if family(s) == fam]
             xs = np.array([r[key] for r in rows])
@@ -329,7 +337,7 @@ def pareto_figure(runs: Runs, out: Path, name: str = "quality_pareto.png") -> Pa
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7, loc="lower right")
     s = runs.setting
-    fig.suptitle(f"digits DiT, {s['samples']} samples, {s['steps']} {s['solver'].upper()} steps: fidelity against cost "
+    fig.suptitle(f"digits DiT, {s['samples']} samples, {s['steps']} {s['solver'].upper()} steps: fidelity against cost\n"
                  f"(lines: Pareto front per family; bars: 95 % bootstrap CI)", fontsize=9)
     fig.tight_layout()
     path = out / name
@@ -357,7 +365,7 @@ def samples_figure(runs: Runs, specs: list[str], out: Path, name: str = "quality
                 ax.set_ylabel(label(spec), rotation=0, ha="right", va="center", fontsize=7)
     fig.tight_layout(pad=0.2)
     path = out / name
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
     return path
 

@@ -94,3 +94,16 @@ def test_labelled_schedule_files(tmp_path):
     cc.Schedule.fora(12, 3).save(path)
     assert parse_schedule(f"best={path}", 12) == parse_schedule(str(path), 12) == cc.Schedule.fora(12, 3)
     assert spec_label(f"best={path}") == "best" and spec_label(str(path)) == str(path)
+
+
+def test_study_report_verdicts_families_and_fronts():
+    from cachecompile.tools.study_report import family, outcome, pareto, verdict
+
+    assert outcome({"lo": -0.02, "hi": -0.01}) == "A better" and outcome({"lo": 0.01, "hi": 0.02}) == "B better"
+    assert outcome({"lo": -0.01, "hi": 0.01}) == "no difference detected"
+    assert outcome({"lo": 0.0, "hi": 3e-9}).startswith("no difference")  # the same samples: a numerical tie
+    assert verdict("matches", {"lo": -0.01, "hi": 0.01}).startswith("**reproduced**")
+    assert verdict("beats", {"lo": -0.01, "hi": 0.01}).startswith("**not reproduced**")
+    assert [family(s) for s in ("uniform:20", "steps:cal:17", "fora:3+gocu", "tuned=dir/dpm++2m/t.json", "none@1")] == [
+        "FORA", "FORA, calibrated steps", "+ GOC (used)", "cc.tune", "uncached, other noise"]
+    assert pareto([(2.0, 0.02, "a"), (2.5, 0.03, "b"), (2.9, 0.021, "c")]) == [(2.0, 0.02, "a"), (2.9, 0.021, "c")]
