@@ -67,6 +67,7 @@ CLAIMS = [
     for n in (2, 3, 4, 5, 6)
 ] + [
     ("calibrated-steps", "beats", "calibrated placement of 17 full steps beats FORA:3 (the same cost)", "steps:cal:17", "fora:3", ""),
+    ("calibrated-steps", "beats", "16 calibrated full steps with Taylor-2 beat FORA:3 at no more FLOPs", "steps:cal:16+taylor2", "fora:3", ""),
     ("tune", "beats", "cc.tune at 3× beats FORA:3 at no more FLOPs", "tuned-3x", "fora:3", ""),
     ("tune", "beats", "cc.tune at 3× beats FORA:3 with the calibrated used-queue GOC", "tuned-3x", "fora:3+gocu", ""),
 ]
