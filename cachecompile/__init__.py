@@ -36,6 +36,7 @@ _LAZY = {
     "load": "cachecompile.api",
     "CachedTransformer": "cachecompile.runtime.cached",
     "calibrate": "cachecompile.calibration",
+    "tune": "cachecompile.tools.tune",
     "flops_ratio": "cachecompile.tools.flops",
     "cache_bytes": "cachecompile.api",
 }
@@ -74,6 +75,7 @@ __all__ = [
     "EOC",
     "Taylor",
     "calibrate",
+    "tune",
     "flops_ratio",
     "cache_bytes",
     "load",

@@ -46,11 +46,14 @@ from cachecompile.passes.regions import find_regions
 from cachecompile.runtime.cached import CachedTransformer, HoldsModel
 
 __all__ = [
-    "calibrate", "measure", "Calibration", "find_inflections", "DEFAULT_ERROR_THRESHOLD", "as_compensation",
+    "calibrate", "measure", "Calibration", "find_inflections", "DEFAULT_ERROR_THRESHOLD", "DEFAULT_GOC_WEIGHTS",
+    "as_compensation",
 ]
 
 # Relative L1 caching error above which EOC optimises a cached step (see Calibration.judged).
 DEFAULT_ERROR_THRESHOLD = 0.05
+# compensation="goc" calibrates the stable computed queue and searches its weight over these.
+DEFAULT_GOC_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 
 SampleFn = Callable[[Any, int], Any]
 
@@ -320,7 +323,7 @@ def as_compensation(compensation: Any, schedule: Schedule) -> Any:
     if compensation is None:
         raise ValueError("say which compensation to calibrate: compensation='goc', 'eoc', 'taylor' or an instance (cc.GOC(...))")
     if isinstance(compensation, str):
-        known = {"goc": GOC, "eoc": EOC, "taylor": Taylor}
+        known = {"goc": lambda: GOC(queue="computed"), "eoc": EOC, "taylor": Taylor}
         if compensation not in known:
             raise ValueError(f"unknown compensation {compensation!r}; use one of {sorted(known)}")
         return known[compensation]()
@@ -352,12 +355,14 @@ def calibrate(
             transformer (and returns its samples), or a dict of
             :func:`~cachecompile.sampling.ddim_sample` keyword arguments (seed ``i`` is added).
         compensation: ``"goc"``, ``"eoc"``, ``"taylor"`` or an instance whose other settings are
-            kept (default: the schedule's own compensation).
+            kept (default: the schedule's own compensation). ``"goc"`` is GOC's stable
+            computed queue with its weight searched over ``DEFAULT_GOC_WEIGHTS``.
         cos_threshold: GOC's inflection test (cosine of successive feature differences).
         error_threshold: EOC's judgment (relative L1 caching error of a cached step).
         prior: ``"channel"`` (default, ``[num_steps, C]`` per region) or ``"full"``.
         weights: GOC only: candidate weights; each is run on the same samples and the one whose
-            final samples are closest (rel-L1) to the uncached ones is kept.
+            final samples are closest (rel-L1) to the uncached ones is kept. A weight whose
+            used-value queue would diverge on this schedule is refused (``inf`` in the search).
         report: also return the :class:`Calibration` (``(schedule, calibration)``).
 
     >>> import cachecompile as cc, torch
@@ -382,6 +387,8 @@ def calibrate(
         )
         return (fitted, measured) if report else fitted
     comp = as_compensation(compensation, schedule)
+    if weights is None and compensation == "goc":
+        weights = DEFAULT_GOC_WEIGHTS
     cal = measure(model, schedule, sample_inputs, num_samples, calls_per_step=calls_per_step, regions=regions, prior=prior)
     out = cal.apply(schedule, comp, cos_threshold=cos_threshold, error_threshold=error_threshold)
     if weights:
@@ -401,13 +408,23 @@ def _search_weight(
     best = None
     for w in weights:
         candidate = schedule.with_compensation(dataclasses.replace(schedule.compensation, weight=float(w)))
-        cached = optimize(model, candidate, regions=regions, calls_per_step=calls_per_step)
         errs = []
-        for i, ref in enumerate(cal.finals):
-            out = run(cached, i)
-            errs.append(((out - ref).abs().mean() / ref.abs().mean()).item())
+        try:
+            cached = optimize(model, candidate, regions=regions, calls_per_step=calls_per_step)
+            for i, ref in enumerate(cal.finals):
+                out = run(cached, i)
+                errs.append(((out - ref).abs().mean() / ref.abs().mean()).item())
+        except ScheduleError as e:
+            if "diverges" not in str(e):
+                raise
+            errs = [math.inf]  # refused: its used-value queue would diverge on this schedule
         cal.search[float(w)] = sum(errs) / len(errs)
         if best is None or cal.search[float(w)] < cal.search[best[0]]:
             best = (float(w), candidate)
     assert best is not None
+    if math.isinf(cal.search[best[0]]):
+        raise ScheduleError(
+            f"every candidate weight {list(weights)} makes GOC's used-value queue diverge on this schedule; "
+            "try smaller weights or queue='computed'"
+        )
     return best[1]

@@ -1,7 +1,14 @@
-"""A plain DDIM sampling loop with classifier-free guidance, for class-conditional DiTs.
+"""A plain sampling loop (DDIM by default) with classifier-free guidance, for class-conditional DiTs.
 
-Used by the bench, the quality harness and the tests, so that every method is run through the
-same loop as the uncached model.
+Used by the bench, the quality harness, calibration and the tests, so that every method is run
+through the same loop as the uncached model.
+
+The sampler travels with the model: a model that carries a ``scheduler_config`` (a diffusers
+scheduler config, as :func:`cachecompile.models.digits_dit` attaches the one shipped beside its
+weights) is sampled with the scheduler built from it; other models get DDIM on diffusers' default
+DDPM betas **without** x0 clipping. (diffusers' ``DDIMScheduler()`` clips the predicted x0 but
+keeps the unclipped epsilon; the mismatch grows with the step count, so a model sampled that way
+gets worse from 25 to 50 to 100 steps.)
 """
 
 from __future__ import annotations
@@ -10,7 +17,46 @@ from typing import Any
 
 import torch
 
-__all__ = ["ddim_sample", "first_call_kwargs"]
+__all__ = ["SOLVERS", "ddim_sample", "first_call_kwargs", "make_scheduler", "model_scheduler"]
+
+# The solvers a sampling loop can run (see make_scheduler).
+SOLVERS = ("ddim", "dpm++2m")
+# What a scheduler config says about the noise schedule the model was trained on: a solver other
+# than the config's own takes these and keeps its own defaults for everything else.
+_TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
+
+def make_scheduler(config: Any = None, solver: str = "ddim") -> Any:
+    """A fresh diffusers scheduler for ``solver`` from a scheduler ``config`` (a dict).
+
+    ``"ddim"``: ``DDIMScheduler`` from the config (``None``: diffusers' default betas, no x0
+    clipping). ``"dpm++2m"``: ``DPMSolverMultistepScheduler`` (DPM-Solver++, second order,
+    multistep: one model call per step) on the config's training noise schedule.
+
+    >>> make_scheduler(None).config.clip_sample
+    False
+    >>> make_scheduler(None, "dpm++2m").config.algorithm_type
+    'dpmsolver++'
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    config = {k: v for k, v in dict(config or {"clip_sample": False}).items() if not k.startswith("_")}
+    if solver == "ddim":
+        return DDIMScheduler.from_config(config)
+    if solver == "dpm++2m":
+        train = {k: config[k] for k in _TRAINING_KEYS if k in config}
+        return DPMSolverMultistepScheduler(**train, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
+
+
+def model_scheduler(transformer: Any, solver: str = "ddim") -> Any:
+    """The scheduler that travels with ``transformer`` (its ``scheduler_config``, looked up
+    through wrappers that hold the model as ``.model``), built for ``solver``."""
+    config = getattr(transformer, "scheduler_config", None)
+    inner = getattr(transformer, "model", None)
+    if config is None and inner is not None and inner is not transformer:
+        config = getattr(inner, "scheduler_config", None)
+    return make_scheduler(config, solver)
 
 
 def ddim_sample(
@@ -24,20 +70,24 @@ def ddim_sample(
     in_channels: int,
     seed: int = 0,
     scheduler: Any = None,
+    solver: str = "ddim",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Generate images for ``class_labels`` with DDIM and CFG run as one batched call per step.
+    """Generate images for ``class_labels`` with DDIM (or ``solver``) and CFG run as one batched
+    call per step.
 
     The transformer gets ``hidden_states`` = [x, x], ``class_labels`` = [y, null] and the timestep
     expanded to the batch; ``eps = uncond + guidance_scale * (cond - uncond)``. Returns images in
-    the model's value range, shape ``[B, C, H, W]``. Same ``seed`` → same initial noise.
+    the model's value range, shape ``[B, C, H, W]``, as the solver leaves them (not clamped: a
+    pipeline's postprocessing clamps). Same ``seed`` → same initial noise.
+
+    ``scheduler``: a diffusers scheduler to use as is; by default the model's own
+    (:func:`model_scheduler`) for ``solver`` (``"ddim"`` or ``"dpm++2m"``).
 
     >>> import torch  # doctest: +SKIP
-    >>> imgs = ddim_sample(model, torch.tensor([3]), num_steps=10, null_class=10, sample_size=16, in_channels=1)
+    >>> imgs = ddim_sample(model, torch.tensor([3]), num_steps=10, null_class=10, sample_size=16, in_channels=1)  # doctest: +SKIP
     """
-    from diffusers import DDIMScheduler
-
-    scheduler = scheduler or DDIMScheduler()
+    scheduler = scheduler or model_scheduler(transformer, solver)
     scheduler.set_timesteps(num_steps)
     b = class_labels.shape[0]
     gen = torch.Generator().manual_seed(seed)

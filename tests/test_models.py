@@ -11,7 +11,8 @@ from cachecompile.models.digits import WEIGHTS_DIR
 from cachecompile.sampling import ddim_sample
 
 # The issue's bar, at the quality report's setting (50 DDIM steps, CFG 2, seed 0) on 100 of its
-# samples: measured 0.93 on the shipped weights (0.945 on the report's 200).
+# samples. Measured 0.93 with diffusers' default (clipping) DDIM; on the shipped, clip-free
+# sampler every sample of the report is recognised.
 MIN_ACCURACY = 0.9
 
 
@@ -28,7 +29,7 @@ def _sample(dit: torch.nn.Module, labels: torch.Tensor, steps: int, seed: int = 
 
 def test_shipped_weights_are_small_package_data() -> None:
     files = sorted(p.name for p in WEIGHTS_DIR.iterdir())
-    assert files == ["digits_classifier.safetensors", "digits_config.json", "digits_dit.safetensors"]
+    assert files == ["digits_classifier.safetensors", "digits_config.json", "digits_dit.safetensors", "digits_scheduler.json"]
     assert sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir()) < 6_000_000
 
 
@@ -68,11 +69,46 @@ def test_classifier_loads_in_eval_mode() -> None:
     assert clf(torch.zeros(3, 1, 16, 16)).shape == (3, 10)
 
 
-def test_short_generation_is_finite_in_range(dit: torch.nn.Module) -> None:
+def test_short_generation_is_finite_and_near_the_value_range(dit: torch.nn.Module) -> None:
     images = _sample(dit, torch.arange(8) % 10, steps=10)
     assert images.shape == (8, 1, 16, 16)
     assert torch.isfinite(images).all()
-    assert images.min() >= -1.0 - 1e-5 and images.max() <= 1.0 + 1e-5
+    # Without x0 clipping a few pixels overshoot [-1, 1] (a pipeline clamps them); on average
+    # the overshoot is tiny (measured 0.003).
+    assert (images - images.clamp(-1.0, 1.0)).abs().mean() < 0.02
+
+
+def test_the_sampler_travels_with_the_model(dit: torch.nn.Module) -> None:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    import cachecompile as cc
+    from cachecompile.models import scheduler_config
+    from cachecompile.sampling import make_scheduler, model_scheduler
+
+    c = DIGITS_CONFIG
+    for model in (dit, cc.optimize(dit, cc.Schedule.fora(4, 2))):  # also through the cached stand-in
+        sched = model_scheduler(model)
+        assert isinstance(sched, DDIMScheduler) and not sched.config.clip_sample
+        assert torch.allclose(sched.betas, torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps))
+    dpm = make_scheduler(scheduler_config(), "dpm++2m")
+    assert isinstance(dpm, DPMSolverMultistepScheduler)
+    assert (dpm.config.algorithm_type, dpm.config.solver_order) == ("dpmsolver++", 2)
+    assert torch.allclose(dpm.betas, torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps))
+
+
+def test_uncached_model_does_not_get_worse_with_more_steps(dit: torch.nn.Module) -> None:
+    """25 → 50 → 100 DDIM steps on the same noise: a consistent sampler converges (the 50- and
+    100-step samples nearly agree) and the classifier's confidence in the requested class does
+    not drop. diffusers' default DDIM (x0 clipped, epsilon not) fails both: measured on these 10
+    samples, log-probability −0.05 / −0.38 / −1.91 and rel-L1(50, 100) 0.33; the shipped sampler:
+    −0.016 / −0.018 / −0.019 and 0.006."""
+    labels = torch.arange(10)
+    images = {n: _sample(dit, labels, steps=n) for n in (25, 50, 100)}
+    logp = {n: torch.log_softmax(Q.classifier_logits(x.clamp(-1, 1)), 1)[torch.arange(10), labels].mean().item()
+            for n, x in images.items()}
+    assert logp[50] >= logp[25] - 0.02 and logp[100] >= logp[25] - 0.02, logp
+    assert Q.rel_l1(images[50], images[100]).item() < 0.05
+    assert Q.rel_l1(images[50], images[100]) < Q.rel_l1(images[25], images[100])
 
 
 def test_generation_is_deterministic_given_the_seed(dit: torch.nn.Module) -> None:

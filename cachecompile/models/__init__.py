@@ -10,6 +10,7 @@ from .digits import (
     dit_config,
     load_digits_images,
     read_config,
+    scheduler_config,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "dit_config",
     "load_digits_images",
     "read_config",
+    "scheduler_config",
 ]

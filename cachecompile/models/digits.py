@@ -10,8 +10,11 @@ Conventions shared by the model, the classifier and the metrics (see :data:`DIGI
   keeps strokes smooth and stays inside ``[-1, 1]``;
 * class ids 0..9 are the digits, id 10 is the null ("unconditional") class used for
   classifier-free guidance;
-* noise schedule: DDPM, 1000 training steps, linear betas 1e-4..0.02 -- exactly the defaults of
+* noise schedule: DDPM, 1000 training steps, linear betas 1e-4..0.02 -- the betas of
   ``diffusers.DDPMScheduler()`` and ``diffusers.DDIMScheduler()``; the model predicts epsilon;
+* sampler: ``weights/digits_scheduler.json`` (DDIM on those betas, **no x0 clipping**), attached
+  to the model by :func:`digits_dit` as ``model.scheduler_config`` so that every sampling loop
+  (:func:`cachecompile.sampling.ddim_sample`) uses it;
 * learned sigma is off (``out_channels == in_channels == 1``): the model is sampled with
   DDIM/DDPM fixed variances, so a variance head would be dead weight.
 """
@@ -32,6 +35,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DIT_WEIGHTS = "digits_dit.safetensors"
 CLASSIFIER_WEIGHTS = "digits_classifier.safetensors"
 CONFIG_FILE = "digits_config.json"
+SCHEDULER_FILE = "digits_scheduler.json"
 
 # The held-out split is fixed independently of any training seed so that every
 # classifier is evaluated on the same 20 % of the digits.
@@ -177,6 +181,18 @@ def read_config(weights_dir: str | Path | None = None) -> dict[str, Any]:
     return json.loads((Path(weights_dir or WEIGHTS_DIR) / CONFIG_FILE).read_text())
 
 
+def scheduler_config(weights_dir: str | Path | None = None) -> dict[str, Any]:
+    """The sampler shipped beside the weights: a diffusers scheduler config (DDIM, the training
+    betas, no x0 clipping); :func:`cachecompile.sampling.make_scheduler` builds a scheduler from
+    it for any solver.
+
+    Example:
+        >>> scheduler_config()["clip_sample"], scheduler_config()["beta_end"]
+        (False, 0.02)
+    """
+    return json.loads((Path(weights_dir or WEIGHTS_DIR) / SCHEDULER_FILE).read_text())
+
+
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -202,6 +218,8 @@ def digits_dit(weights_dir: str | Path | None = None) -> nn.Module:
     wdir = Path(weights_dir or WEIGHTS_DIR)
     model = build_dit(read_config(wdir)["dit"])
     model.load_state_dict(_load_state(wdir / DIT_WEIGHTS))
+    # The sampler travels with the model: ddim_sample builds its scheduler from this.
+    model.scheduler_config = scheduler_config(wdir)
     # eval() also matters for correctness: in train mode every block's LabelEmbedding
     # drops labels to the null class at random.
     return model.eval().requires_grad_(False)

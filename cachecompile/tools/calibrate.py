@@ -9,8 +9,9 @@ import dataclasses
 
 import torch
 
-from cachecompile.calibration import DEFAULT_ERROR_THRESHOLD, as_compensation, calibrate
+from cachecompile.calibration import DEFAULT_ERROR_THRESHOLD, DEFAULT_GOC_WEIGHTS, as_compensation, calibrate
 from cachecompile.core.schedule import Schedule
+from cachecompile.methods.compensation import GOC
 from cachecompile.tools.specs import parse_schedule
 from cachecompile.tools.zoo import default_model_name, load_bench_model
 
@@ -26,8 +27,10 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="generations to calibrate on (num_samples)")
     p.add_argument("--batch", type=int, default=4, help="images per generation (the CFG batch is twice this)")
     p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--weight", type=float, default=None, help="GOC weight (default 1.2)")
-    p.add_argument("--queue", choices=["used", "computed"], default=None, help="GOC queue (default used)")
+    p.add_argument("--weight", type=float, default=None,
+                   help="GOC weight (default: searched over %s)" % ",".join(map(str, DEFAULT_GOC_WEIGHTS)))
+    p.add_argument("--queue", choices=["used", "computed"], default=None,
+                   help="GOC queue (default computed: stable; used is the paper's rule, refused where it diverges)")
     p.add_argument("--search-weights", default=None, help="GOC: comma-separated candidate weights, e.g. 0,0.3,0.6,1")
     p.add_argument("--theta", type=float, default=None, help="EOC theta (default 0.01)")
     p.add_argument("--order", type=int, default=None, help="Taylor order (default 1)")
@@ -59,6 +62,8 @@ def calibrate_main(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(comp)}
     comp = dataclasses.replace(comp, **{k: v for k, v in settings.items() if v is not None and k in fields})
     weights = [float(w) for w in args.search_weights.split(",")] if args.search_weights else None
+    if weights is None and isinstance(comp, GOC) and args.weight is None:
+        weights = list(DEFAULT_GOC_WEIGHTS)  # the weight is calibrated unless given
     out, cal = calibrate(
         bm.model, schedule, inputs, args.samples, compensation=comp, cos_threshold=args.cos_threshold,
         error_threshold=args.error_threshold, prior=args.prior, weights=weights, report=True,

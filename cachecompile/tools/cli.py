@@ -8,6 +8,7 @@ from typing import Callable
 from cachecompile.tools.bench import add_bench_arguments, bench_main
 from cachecompile.tools.calibrate import add_calibrate_arguments, calibrate_main
 from cachecompile.tools.export import add_export_arguments, export_main
+from cachecompile.tools.tune import add_tune_arguments, tune_main
 
 __all__ = ["COMMANDS", "main"]
 
@@ -16,6 +17,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "bench": (add_bench_arguments, bench_main, "cached vs uncached, eager vs compiled, on a sampling run"),
     "calibrate": (add_calibrate_arguments, calibrate_main, "calibrate GOC / EOC on the uncached model; writes the schedule"),
     "export": (add_export_arguments, export_main, "export a cached model as an aoti / onnx / tensorrt artifact directory"),
+    "tune": (add_tune_arguments, tune_main, "pick the schedule with the best fidelity at a target FLOPs ratio"),
 }
 
 

@@ -241,9 +241,11 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def sample_metrics(images: torch.Tensor, labels: torch.Tensor,
-                   reference: torch.Tensor | None = None) -> dict[str, float]:
+                   reference: torch.Tensor | None = None,
+                   value_range: tuple[float, float] | None = (-1.0, 1.0)) -> dict[str, float]:
     """All metrics of one run: accuracy and FID analogue, plus PSNR/SSIM/rel-L1 against
-    ``reference`` (e.g. the uncached samples from the same noise) when given.
+    ``reference`` (e.g. the uncached samples from the same noise) when given. Both are clamped
+    to ``value_range`` first, as a pipeline's postprocessing does (``None``: as given).
 
     Example:
         >>> from cachecompile.models import load_digits_images
@@ -251,6 +253,9 @@ def sample_metrics(images: torch.Tensor, labels: torch.Tensor,
         >>> sorted(sample_metrics(x, y, reference=x))
         ['accuracy', 'fid', 'psnr', 'rel_l1', 'ssim']
     """
+    if value_range is not None:
+        images = images.float().clamp(*value_range)
+        reference = None if reference is None else reference.float().clamp(*value_range)
     out = {"accuracy": class_accuracy(images, labels), "fid": fid_digits(images)}
     if reference is not None:
         out.update(psnr=psnr(images, reference).item(), ssim=ssim(images, reference).item(),

@@ -3,9 +3,11 @@
 ``python -m cachecompile bench --quality`` generates the same N samples (same labels, same noise)
 with the uncached model and with each schedule, and writes a Markdown table, JSON, a plot of
 quality against measured speedup and FLOPs ratio (the Pareto front) and a grid of samples.
-Quality: Fréchet distance in the shipped classifier's feature space against the real digits (an
-FID analogue), class accuracy (an IS analogue), and PSNR / SSIM / rel-L1 of each sample against
-the uncached sample from the same noise.
+Quality (images clamped to the value range first): PSNR / SSIM / rel-L1 of each sample against
+the uncached sample from the same noise, the Fréchet distance between the schedule's and the
+uncached samples in the shipped classifier's feature space, the same distance against the real
+digits (an FID analogue) and class accuracy; each with a 95 % bootstrap interval over samples
+(:mod:`cachecompile.tools.stats`). ``--solver dpm++2m`` samples with DPM-Solver++ (2M).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import cachecompile as cc
 from cachecompile.sampling import ddim_sample, first_call_kwargs
 from cachecompile.tools import quality as Q
+from cachecompile.tools import stats as S
 from cachecompile.tools.flops import flops_ratio, sampling_flops
 from cachecompile.tools.specs import parse_schedule
 
@@ -35,18 +38,19 @@ DEFAULT_SCHEDULES = [
 ]
 
 
-def _generate(model: Any, labels: torch.Tensor, steps: int, cfg: float, seed: int) -> tuple[torch.Tensor, float]:
+def _generate(model: Any, labels: torch.Tensor, steps: int, cfg: float, seed: int,
+              solver: str = "ddim") -> tuple[torch.Tensor, float]:
     from cachecompile.models import DIGITS_CONFIG as C
 
     t0 = time.perf_counter()
     images = ddim_sample(model, labels, num_steps=steps, guidance_scale=cfg, null_class=C.null_class,
-                         sample_size=C.sample_size, in_channels=C.in_channels, seed=seed)
+                         sample_size=C.sample_size, in_channels=C.in_channels, seed=seed, solver=solver)
     return images, time.perf_counter() - t0
 
 
 def run_quality_report(
     schedules: list[str] | None = None, *, samples: int = 200, steps: int = 50, cfg: float = 2.0, seed: int = 0,
-    progress: bool = True,
+    progress: bool = True, solver: str = "ddim", boot: int = 500,
 ) -> dict[str, Any]:
     """Run the uncached model and every schedule on the same ``samples`` labels and noise."""
     from cachecompile.models import digits_dit
@@ -56,10 +60,19 @@ def run_quality_report(
     num_blocks = len(model.transformer_blocks)
     labels = torch.arange(samples) % 10
     with torch.no_grad():
-        _generate(model, labels[:2], 2, cfg, seed)  # warm-up: first-call costs are not the model's
-        reference, base_seconds = _generate(model, labels, steps, cfg, seed)
-    rows = [{"schedule": "none", "speedup": 1.0, "flops_ratio": 1.0, "seconds": base_seconds,
-             **Q.sample_metrics(reference, labels, reference=reference)}]
+        _generate(model, labels[:2], 2, cfg, seed, solver)  # warm-up: first-call costs are not the model's
+        reference, base_seconds = _generate(model, labels, steps, cfg, seed, solver)
+    real = S.real_stats()
+    ref_samples = S.per_sample(reference, labels, reference)
+
+    def metrics(images: torch.Tensor) -> dict[str, Any]:
+        out = Q.sample_metrics(images, labels, reference=reference)  # clamped to [-1, 1]
+        summary = S.summarize(S.per_sample(images, labels, reference), ref_samples, real, boot=boot)
+        out["fd_uncached"] = summary["fd_uncached"]["value"]
+        out["ci"] = {k: [v["lo"], v["hi"]] for k, v in summary.items()}
+        return out
+
+    rows = [{"schedule": "none", "speedup": 1.0, "flops_ratio": 1.0, "seconds": base_seconds, **metrics(reference)}]
     images = {"none": reference}
     items = schedules
     if progress:
@@ -69,14 +82,14 @@ def run_quality_report(
     from cachecompile.models import DIGITS_CONFIG as C
 
     small = dict(num_steps=steps, guidance_scale=cfg, null_class=C.null_class, sample_size=C.sample_size,
-                 in_channels=C.in_channels, seed=seed)
+                 in_channels=C.in_channels, seed=seed, solver=solver)
     base_flops = None
     for spec in items:
         schedule = _calibrated(model, parse_schedule(spec, steps, num_blocks), labels, small)
         cached = cc.optimize(model, schedule)
         with torch.no_grad():
             cached.prepare(**first_call_kwargs(model, labels, **small))  # capture + rewrite, untimed
-            out, seconds = _generate(cached, labels, steps, cfg, seed)
+            out, seconds = _generate(cached, labels, steps, cfg, seed, solver)
         extra = {}
         if "dynamic" in schedule.step_kinds():
             # Decided per step from the whole batch: count the FLOPs of this very run (same labels
@@ -88,9 +101,9 @@ def run_quality_report(
         else:
             ratio = flops_ratio(model, schedule, labels[:2], **small)
         rows.append({"schedule": spec, "speedup": base_seconds / seconds, "flops_ratio": ratio, "seconds": seconds,
-                     "step_graphs": len(cached.step_graphs), **extra, **Q.sample_metrics(out, labels, reference=reference)})
+                     "step_graphs": len(cached.step_graphs), **extra, **metrics(out)})
         images[spec] = out
-    return {"samples": samples, "steps": steps, "cfg": cfg, "seed": seed, "torch": torch.__version__,
+    return {"samples": samples, "steps": steps, "cfg": cfg, "seed": seed, "solver": solver, "torch": torch.__version__,
             "rows": rows, "_images": images}
 
 
@@ -106,15 +119,22 @@ def _calibrated(model: Any, schedule: cc.Schedule, labels: torch.Tensor, small: 
 
 
 def quality_markdown(result: dict[str, Any]) -> str:
+    solver = {"ddim": "DDIM", "dpm++2m": "DPM-Solver++ (2M)"}.get(result.get("solver", "ddim"), result.get("solver"))
     head = (
-        f"digits DiT, {result['samples']} samples (labels 0–9 in turn), {result['steps']} DDIM steps, CFG "
-        f"{result['cfg']}, seed {result['seed']}, eager backend, torch {result['torch']}\n\n"
-        "| schedule | speedup | FLOPs ratio | FID (classifier features) ↓ | accuracy ↑ | PSNR vs uncached (dB) ↑ | SSIM ↑ | rel-L1 ↓ |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"digits DiT, {result['samples']} samples (labels 0–9 in turn), {result['steps']} {solver} steps, CFG "
+        f"{result['cfg']}, seed {result['seed']}, eager backend, torch {result['torch']}; images clamped to [-1, 1]; "
+        "[95 % bootstrap interval over samples]\n\n"
+        "| schedule | speedup | FLOPs ratio | rel-L1 vs uncached ↓ | PSNR (dB) ↑ | SSIM ↑ | FD to uncached ↓ | FID analogue ↓ | accuracy ↑ |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
+
+    def cell(r: dict[str, Any], key: str, fmt: str) -> str:
+        lo, hi = r.get("ci", {}).get(key, (None, None))
+        return f"{r[key]:{fmt}}" + ("" if lo is None else f" [{lo:{fmt}}, {hi:{fmt}}]")
+
     lines = [
-        f"| {r['schedule']} | {r['speedup']:.2f}× | {r['flops_ratio']:.2f}× | {r['fid']:.1f} | {r['accuracy']:.3f} | "
-        f"{r['psnr']:.1f} | {r['ssim']:.3f} | {r['rel_l1']:.3f} |"
+        f"| {r['schedule']} | {r['speedup']:.2f}× | {r['flops_ratio']:.2f}× | {cell(r, 'rel_l1', '.4f')} | "
+        f"{cell(r, 'psnr', '.1f')} | {cell(r, 'ssim', '.3f')} | {r['fd_uncached']:.2f} | {r['fid']:.1f} | {cell(r, 'accuracy', '.3f')} |"
         for r in result["rows"]
     ]
     return head + "\n".join(lines)
@@ -173,7 +193,7 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
 def quality_main(args: Any) -> int:
     schedules = [s for s in args.schedule if s != "none"] if args.schedule else None
     result = run_quality_report(schedules, samples=args.quality_samples or 200, steps=args.steps,
-                                cfg=args.cfg, progress=not args.no_progress)
+                                cfg=args.cfg, progress=not args.no_progress, solver=getattr(args, "solver", "ddim"))
     table = quality_markdown(result)
     print(table)
     out = Path(args.out)

@@ -48,3 +48,14 @@ def test_report_writes_table_json_and_pictures(tmp_path, capsys):
     assert (tmp_path / "quality_pareto.png").stat().st_size > 0
     assert (tmp_path / "quality_samples.png").stat().st_size > 0
     assert "| fora:2 |" in (tmp_path / "quality.md").read_text()
+
+
+def test_quality_report_with_dpm_solver(tmp_path):
+    args = argparse.Namespace(schedule=["fora:2"], quality_samples=4, steps=4, cfg=2.0, no_progress=True,
+                              out=str(tmp_path), no_plots=True, solver="dpm++2m")
+    assert quality_main(args) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert result["solver"] == "dpm++2m"
+    row = result["rows"][1]
+    assert row["ci"]["rel_l1"][0] <= row["rel_l1"] <= row["ci"]["rel_l1"][1]
+    assert "DPM-Solver++ (2M)" in (tmp_path / "quality.md").read_text()

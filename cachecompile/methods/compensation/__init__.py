@@ -12,6 +12,7 @@ from cachecompile.methods.compensation.schedule import (
     MemoryReport,
     PriorTable,
     Taylor,
+    check_used_queue_stable,
     compensable_regions,
     history_of,
     history_slots,
@@ -24,7 +25,7 @@ from cachecompile.methods.compensation.schedule import (
 )
 
 __all__ = [
-    "EOC", "GOC", "Forecast", "History", "MemoryReport", "PriorTable", "Taylor", "compensable_regions", "compensate",
+    "EOC", "GOC", "Forecast", "History", "MemoryReport", "PriorTable", "Taylor", "check_used_queue_stable", "compensable_regions", "compensate",
     "history_of", "history_slots", "history_token", "is_history_slot", "memory_report", "state_slots", "step_values",
     "taylor_coefficients",
 ]

@@ -84,6 +84,7 @@ __all__ = [
     "memory_report",
     "state_slots",
     "step_values",
+    "check_used_queue_stable",
 ]
 
 # --------------------------------------------------------------------------- actions
@@ -339,6 +340,12 @@ class GOC:
     region is reused without gradient. With ``queue="used"``, a step without gradient uses the
     value of the previous step — our reading of "no gradient"; the paper's code is not public.
 
+    ``allow_divergence``: with ``queue="used"``, a schedule whose error recursion can grow is
+    refused when it is resolved (:func:`check_used_queue_stable`: the gain per compute cycle,
+    ``−(w + w² + …)`` over the cycle's gradient steps, multiplied over consecutive cycles,
+    exceeds 1). ``allow_divergence=True`` runs it anyway: the caching error can then grow
+    without bound along the run.
+
     >>> GOC(weight=1.0, skip_steps=(7,)).to_json()["skip_steps"]
     [7]
     """
@@ -347,6 +354,7 @@ class GOC:
     skip_steps: tuple[int, ...] | tuple[tuple[str, tuple[int, ...]], ...] = ()
     queue: str = "used"
     steps: tuple[int, ...] | None = None
+    allow_divergence: bool = False
     kind: ClassVar[str] = "goc"
 
     def __post_init__(self) -> None:
@@ -363,6 +371,8 @@ class GOC:
         object.__setattr__(self, "skip_steps", skip)
         if self.steps is not None:
             object.__setattr__(self, "steps", _steps_tuple("GOC steps", self.steps))
+        if not isinstance(self.allow_divergence, bool):
+            raise ScheduleError(f"GOC allow_divergence must be true or false, got {self.allow_divergence!r}")
 
     @property
     def per_region(self) -> bool:
@@ -379,14 +389,17 @@ class GOC:
 
     def to_json(self) -> dict[str, Any]:
         skip: Any = {r: list(s) for r, s in self.skip_steps} if self.per_region else list(self.skip_steps)
-        return {
+        out = {
             "kind": self.kind, "weight": self.weight, "queue": self.queue, "skip_steps": skip,
             "steps": None if self.steps is None else list(self.steps),
         }
+        if self.allow_divergence:  # only then: the files of stable schedules stay as they were
+            out["allow_divergence"] = True
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> "GOC":
-        o = json_fields(obj, "a GOC compensation", optional=("weight", "queue", "skip_steps", "steps"))
+        o = json_fields(obj, "a GOC compensation", optional=("weight", "queue", "skip_steps", "steps", "allow_divergence"))
         skip = o.get("skip_steps", ())
         if not isinstance(skip, (list, tuple, Mapping)):
             raise ScheduleError(f"GOC skip_steps must be a list of steps or {{region: steps}}, got {skip!r:.80}")
@@ -397,6 +410,7 @@ class GOC:
             weight=o.get("weight", 1.2), queue=o.get("queue", "used"),
             skip_steps=dict(skip) if isinstance(skip, Mapping) else tuple(skip),
             steps=None if steps is None else tuple(steps),
+            allow_divergence=o.get("allow_divergence", False),
         )
 
     @property
@@ -412,7 +426,10 @@ class GOC:
             _check_steps("GOC skip_steps", self.skip_steps, schedule.num_steps)  # type: ignore[arg-type]
         _check_steps("GOC steps", self.steps or (), schedule.num_steps)
         regions = compensable_regions(rules, "GOC")
-        return _rewrite(rules, regions, Forecast(method="goc", queue=self.queue, order=1), 1)
+        rules = _rewrite(rules, regions, Forecast(method="goc", queue=self.queue, order=1), 1)
+        if self.queue == "used" and not self.allow_divergence:
+            check_used_queue_stable(self, rules, regions)
+        return rules
 
     def step_values(self, plans: Sequence[StepPlan]) -> dict[str, list[float]]:
         """``{"goc_w:<region>" or "goc_c1:<region>": one value per step}`` (0 at non-forecast steps)."""
@@ -436,6 +453,59 @@ class GOC:
 
 
 register_compensation("goc", GOC.from_json)
+
+
+def check_used_queue_stable(goc: GOC, rules: Sequence[Mapping[str, Action]], regions: Iterable[str]) -> None:
+    """Refuse a used-value GOC queue whose error recursion can grow along the run.
+
+    After a compute step ``c`` the used values are ``u_{c+j} = F_c + (Π w + …)·δ`` with
+    ``δ = F_c − u_{c−1}`` (the jump at the compute step, which carries the previous cycle's
+    error); at the next compute step the jump is ``(F_{c'} − F_c) − g·δ`` with the cycle's gain
+    ``g = Σ_{j≥1} Π_{i≤j} w_{c+i}`` (``w`` the weight applied at each cached step of the cycle,
+    0 where no gradient applies). FORA at interval 2: ``g = w``; interval 3: ``g = w + w²``. The
+    product of ``|g|`` over consecutive cycles with a gain is how much an error fed back grows;
+    above 1 the schedule is refused with a :class:`ScheduleError` (``allow_divergence=True``
+    names the risk and runs it).
+
+    >>> layout = Layout(branches=(("attn", "mlp"),))
+    >>> len(Schedule.fora(12, 2, compensation=GOC(weight=0.8)).resolve(layout))  # g = 0.8: stable
+    12
+    >>> Schedule.fora(12, 3, compensation=GOC(weight=0.8)).resolve(layout)  # g = 1.44 # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    cachecompile.core.errors.ScheduleError: GOC's used-value queue diverges on this schedule: ...
+    """
+    worst = (0.0, "", -1)
+    for region in regions:
+        used, weights, run, run_start, cycle_start = 0, [], 1.0, -1, -1
+        for s, acts in enumerate(list(rules) + [{region: COMPUTE}]):  # a final compute closes the last cycle
+            a = acts.get(region, COMPUTE)
+            if isinstance(a, Forecast):
+                weights.append(goc.weight if used >= 2 and goc.applies(region, s) else 0.0)
+                used += 1
+            elif a.computes:
+                if weights:
+                    prod, gain = 1.0, 0.0
+                    for w in weights:
+                        prod *= w
+                        gain += prod
+                    if gain:  # consecutive cycles that feed errors back multiply their gains
+                        run, run_start = (run * abs(gain), run_start) if run_start >= 0 else (abs(gain), cycle_start)
+                    else:
+                        run, run_start = 1.0, -1
+                    if run_start >= 0 and run > worst[0]:
+                        worst = (run, region, run_start)
+                weights, cycle_start = [], s
+                used += 1
+    if worst[0] > 1.0:
+        gain, region, start = worst
+        raise ScheduleError(
+            f"GOC's used-value queue diverges on this schedule: an error fed back through the queue grows ×{gain:.3g} "
+            f"over the compute cycles from step {start} in {region} (per cycle the factor is −(w + w² + …) over the "
+            f"cached steps with a gradient; weight {goc.weight:g}). Use queue='computed' (stable), a smaller weight "
+            f"(interval 2: w < 1; interval 3: w < 0.618), a shorter window (steps=...), or pass allow_divergence=True "
+            f"to accept that the caching error may grow without bound"
+        )
 
 
 # --------------------------------------------------------------------------- Taylor

@@ -26,6 +26,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="the quality report on the trained digits model: every preset vs uncached (cachecompile.quality_report)")
     p.add_argument("--backend", nargs="+", default=["eager", "inductor"], help="eager, inductor, aoti, onnxruntime, tensorrt")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--solver", default="ddim", choices=["ddim", "dpm++2m"],
+                   help="with --quality: the sampler (the model's scheduler config; dpm++2m = DPM-Solver++ 2M)")
     p.add_argument("--batch", type=int, default=2, help="images per run (the CFG batch is twice this)")
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the median is reported)")
