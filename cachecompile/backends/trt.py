@@ -17,7 +17,8 @@ Build settings (keyword options of ``compile``/``export``):
   islands such as the timestep sinusoid cast where they meet the weights, I/O kept in the step
   graph's dtypes; see ``onnx_export.CastedStep``) and builds a ``STRONGLY_TYPED`` network.
   ``"auto"`` (default): weak where ``BuilderFlag.FP16`` exists (10.x), else strong (11.x).
-- ``batch=(min, opt, max)``: optimization-profile range for a dynamic batch dimension; static
+- ``batch=(min, opt, max)``: optimization-profile range for a dynamic batch dimension (default
+  ``(1, B, 4·B)`` around the captured batch ``B``; a call outside it is a clear error); static
   inputs get ``min = opt = max`` = their shape.
 - ``workspace_bytes``, ``optimization_level`` (builder optimisation level 0–5),
   ``timing_cache`` (file name in the directory, or an absolute path; ``None`` to disable),
@@ -139,10 +140,16 @@ def resolve_typing(settings: BuildSettings, has_weak_flags: bool) -> str:
     return settings.typing
 
 
+DEFAULT_MAX_BATCH_FACTOR = 4  # a dynamic batch's default profile: (1, captured, 4 × captured)
+
+
 def profile_shapes(
-    inputs: Sequence[TensorSpec], batch: tuple[int, int, int] | None
+    inputs: Sequence[TensorSpec], batch: tuple[int, int, int] | None, example_batch: int | None = None
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """(min, opt, max) shape per input. Only a leading (batch) dimension may be dynamic."""
+    """(min, opt, max) shape per input. Only a leading (batch) dimension may be dynamic; its range
+    is ``batch``, else ``(1, example_batch, 4 × example_batch)`` around the captured batch."""
+    if batch is None and example_batch is not None:
+        batch = (1, example_batch, DEFAULT_MAX_BATCH_FACTOR * example_batch)
     shapes = {}
     for spec in inputs:
         if any(s is None for s in spec.shape[1:]):
@@ -274,7 +281,9 @@ def _export_engine(
     if settings.check_ops:
         assert_tensorrt_compatible(onnx_file.path, trt.__version__)
     present = set(onnx_file.input_names)
-    shapes = {k: v for k, v in profile_shapes(inputs, settings.batch).items() if k in present}
+    batched = [x for x, spec in zip(example_inputs, inputs) if spec.shape and spec.shape[0] is None]
+    example_batch = int(batched[0].shape[0]) if batched else None
+    shapes = {k: v for k, v in profile_shapes(inputs, settings.batch, example_batch).items() if k in present}
     cache_path = directory / settings.timing_cache if settings.timing_cache else None
     engine = build_engine(onnx_file.path, shapes, settings, typing, cache_path)
     engine_path = directory / f"{stem}.engine"

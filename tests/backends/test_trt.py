@@ -227,6 +227,8 @@ def test_profile_shapes_static_and_dynamic_batch():
     assert shapes == {"x": ((1, 4, 8), (2, 4, 8), (8, 4, 8)), "t": ((2,), (2,), (2,))}
     with pytest.raises(ValueError, match="pass batch"):
         profile_shapes(specs, batch=None)
+    assert profile_shapes(specs, batch=None, example_batch=2)["x"] == ((1, 4, 8), (2, 4, 8), (8, 4, 8))  # (1, B, 4B)
+    assert profile_shapes(specs, batch=(2, 2, 2), example_batch=3)["x"] == ((2, 4, 8),) * 3  # given wins
     with pytest.raises(ValueError, match="only batch may vary"):
         profile_shapes([TensorSpec("x", (2, None), "float32")], batch=(1, 1, 1))
 
