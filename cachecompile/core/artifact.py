@@ -80,15 +80,24 @@ def leaf_to_json(leaf: InputLeaf) -> dict[str, Any]:
 
 
 def leaf_from_json(d: Mapping[str, Any]) -> InputLeaf:
+    """An input leaf read back; a field of the wrong JSON type is a TypeError/ValueError (the
+    loader reports it as a malformed manifest)."""
+    bound, batched, device = d.get("index_bound"), d.get("batched", False), d.get("device")
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 1):
+        raise ValueError(f"leaf {d.get('name')!r}: index_bound {bound!r} is not a number of rows >= 1")
+    if not isinstance(batched, bool):
+        raise TypeError(f"leaf {d.get('name')!r}: batched {batched!r} is not true or false")
+    if device is not None and not isinstance(device, str):
+        raise TypeError(f"leaf {d.get('name')!r}: device {device!r} is not a device name")
     return InputLeaf(
         str(d["name"]),
         None if d["tensor_index"] is None else int(d["tensor_index"]),
         None if d["shape"] is None else tuple(int(s) for s in d["shape"]),
         None if d["dtype"] is None else dtype_from_str(d["dtype"]),
         d["value"],
-        d.get("device"),
-        bool(d.get("batched", False)),
-        None if d.get("index_bound") is None else int(d["index_bound"]),
+        device,
+        batched,
+        bound,
     )
 
 

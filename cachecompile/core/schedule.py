@@ -141,7 +141,7 @@ def _parse(parser: Callable[[Any], Any], obj: Any, what: str) -> Any:
         return parser(obj)
     except ScheduleError:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as e:  # RuntimeError: torch.tensor(None)
         raise ScheduleError(f"cannot read {what} {obj!r:.120} ({type(e).__name__}: {e})") from None
 
 

@@ -78,6 +78,7 @@ def test_nan_written_by_hand_is_refused(tmp_path):
         ({"kind": "eoc", "prior": {"blocks.0.attn": {"shape": [6, 4], "data": "AAAA"}}}, r"needs 96 bytes.*has 3"),
         ({"kind": "eoc", "prior": {"blocks.0.attn": {"shape": [6, 4], "data": "not base64!"}}}, r"not base64"),
         ({"kind": "eoc", "prior": {"blocks.0.attn": {"shape": [6, 4]}}}, r"prior table lacks \['data'\]"),
+        ({"kind": "eoc", "prior": {"blocks.0.attn": None}}, r"cannot read compensation"),  # found by the long fuzz run
         ({"kind": "goc", "skip_steps": 5}, r"skip_steps must be a list"),
         ({"kind": "goc", "steps": 5}, r"GOC steps must be a list"),
         ({"kind": "goc", "skip_steps": ["x"]}, r"skip_steps must hold step indices"),
