@@ -71,18 +71,9 @@ def test_an_unbound_schedule_needs_a_length(dit):
 
 @pytest.fixture(scope="module")
 def pixart():
-    from diffusers import PixArtTransformer2DModel
+    from tests.pipelines._components import tiny_pixart
 
-    from tests.families._common import randomize_zero_parameters
-
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6,
-    )
-    return randomize_zero_parameters(model)
+    return tiny_pixart()
 
 
 def _pixart_call(batch):

@@ -109,8 +109,9 @@ def dit_components() -> dict:
     return dict(transformer=randomize_zero_parameters(transformer), vae=tiny_vae(), scheduler=DDIMScheduler())
 
 
-def pixart_components() -> dict:
-    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+def tiny_pixart() -> torch.nn.Module:
+    """The tiny PixArt transformer of diffusers' PixArt pipeline tests, zero parameters randomised."""
+    from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
@@ -119,8 +120,14 @@ def pixart_components() -> dict:
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6,
     )
+    return randomize_zero_parameters(transformer)
+
+
+def pixart_components() -> dict:
+    from diffusers import DDIMScheduler
+
     return dict(
-        transformer=randomize_zero_parameters(transformer), vae=tiny_vae(), scheduler=DDIMScheduler(),
+        transformer=tiny_pixart(), vae=tiny_vae(), scheduler=DDIMScheduler(),
         text_encoder=t5_encoder(), tokenizer=t5_tokenizer(),
     )
 
