@@ -1,5 +1,5 @@
 """``cc.cache_bytes`` / ``Schedule.cache_bytes``: the cache store's size, known before running,
-against what the store really holds after a generation."""
+against the most the store really held in a generation; and how long the store holds values."""
 
 import copy
 
@@ -46,6 +46,36 @@ def test_fora_prediction_is_two_branches_per_block(dit):
     assert cc.cache_bytes(dit, cc.Schedule.fora(STEPS, 3, cache_dtype=torch.float8_e4m3fn), example) == one
     assert cc.cache_bytes(dit, cc.Schedule.fora(STEPS, 3), example, calls_per_step=2) == one * 8
     assert cc.cache_bytes(dit, cc.Schedule.fora(STEPS, 1), example) == 0  # nothing reused, nothing kept
+
+
+def test_the_store_holds_a_value_until_its_last_read(dit):
+    """FORA every 3 steps over 7: steps 0, 3 and 6 compute, 1, 2, 4 and 5 read what 0 and 3 wrote.
+    The values are held from their write to their last read (through steps 0-1 and 3-4); after
+    step 2 the next full step rewrites them and after step 5 nothing reads them: the store is
+    empty, and it stays empty between generations."""
+    example = first_call_kwargs(dit, torch.arange(2), **SAMPLE)
+    predicted = cc.cache_bytes(dit, cc.Schedule.fora(STEPS, 3), example)
+    cached = cc.optimize(dit, cc.Schedule.fora(STEPS, 3))
+    held, outs = [], []
+    for generation in range(2):
+        outs.append(ddim_sample(_Probe(cached, held), torch.arange(2), **SAMPLE))
+        assert cached._store.nbytes == 0 and cached.cache_bytes == predicted
+    full = [predicted, predicted, 0]
+    assert held == (full * 2 + [0]) * 2
+    assert torch.equal(outs[0], outs[1])  # the second generation reads only what it wrote
+
+
+class _Probe(torch.nn.Module):
+    """The cached model, with the bytes its store holds after each call written down."""
+
+    def __init__(self, cached, held):
+        super().__init__()
+        self.cached, self.held = cached, held
+
+    def forward(self, *args, **kwargs):
+        out = self.cached(*args, **kwargs)
+        self.held.append(self.cached._store.nbytes)
+        return out
 
 
 def test_the_model_is_left_as_it_was(dit):

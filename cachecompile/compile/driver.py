@@ -230,6 +230,7 @@ class _Capture:
             backend=c.backend,
             # CUDA-graph runners overwrite their outputs on the next call: the store copies them.
             reuses_outputs=any(getattr(r, "reuses_outputs", False) for r in runners),
+            open_ended=open_ended,
             plans=plans,
             graphs=[gm for gm, _, _ in lowered],
             region_map=self.region_map,

@@ -196,10 +196,20 @@ class StepProgram:
     device: torch.device | None = None  # set for loaded artifacts: they run where they were exported
     dtype: torch.dtype | None = None
     source: str | None = None  # the artifact directory, for messages
+    open_ended: bool = False  # a generation may outrun it (a longer program then takes over)
+    _dead: list[list[str]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:
         return len(self.graph_of_step)
+
+    def dead_after(self, step: int) -> list[str]:
+        """The cache slots whose values no later step of this program reads: after ``step`` they
+        are dropped, so a generation holds only what it will read (its last reads free the
+        cache, and a value the next write replaces is gone before that write computes)."""
+        if len(self._dead) != self.num_steps:
+            self._dead[:] = _dead_after(self.io, self.graph_of_step, self.open_ended)
+        return self._dead[step]
 
     def step_graphs(self) -> dict[StepPlan, torch.fx.GraphModule]:
         """Each distinct plan → its step graph (empty for a loaded artifact)."""
@@ -209,6 +219,23 @@ class StepProgram:
         for plan, idx in zip(self.plans, self.graph_of_step):
             out.setdefault(plan, self.graphs[idx])
         return out
+
+
+def _dead_after(io: list[StepIO], graph_of_step: list[int], open_ended: bool) -> list[list[str]]:
+    """Per step, the slots it reads or writes whose value the next step touching the slot does
+    not read (it only writes the slot) or that no later step touches (in a program that may be
+    outrun, the steps after its end may read anything: a slot no later step of it touches stays)."""
+    out: list[list[str]] = [[] for _ in graph_of_step]
+    next_touch: dict[str, bool] = {}  # slot -> whether the next touching step (walking back) reads it
+    for step in range(len(graph_of_step) - 1, -1, -1):
+        step_io = io[graph_of_step[step]]
+        touched = dict.fromkeys([*step_io.cache_inputs, *step_io.cache_outputs])
+        out[step] = [slot for slot in touched if slot != DECISION_SLOT and not next_touch.get(slot, open_ended)]
+        for slot in step_io.cache_outputs:
+            next_touch[slot] = slot in step_io.cache_inputs
+        for slot in step_io.cache_inputs:
+            next_touch[slot] = True
+    return out
 
 
 class ProgramBuilder(Protocol):

@@ -1,5 +1,10 @@
 """The cache store: one tensor per (call within step, cache slot).
 
+A value is kept only while a later step will read it: the runtime releases a slot after its
+last read (and before a step that rewrites it without reading it), and a new generation starts
+with an empty store, so between generations (a pipeline's VAE decode, another model) the cache
+holds nothing. ``peak_nbytes`` is the most it held at once.
+
 Two ways to keep a written value:
 
 - by reference (default): the step graph's output tensor itself is kept. Step graphs return
@@ -26,6 +31,8 @@ class CacheStore:
         self.in_place = in_place
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
         self._written: set[tuple[int, str]] = set()  # slots written in this generation
+        self._peak = 0  # the most bytes held at once in this generation
+        self._last_peak = 0  # ... in the last generation that wrote anything
 
     def read(self, call: int, slot: str) -> torch.Tensor:
         if (call, slot) not in self._written:
@@ -47,11 +54,11 @@ class CacheStore:
         self._written.add((call, slot))
 
     def release(self, call: int, slots: Iterable[str]) -> None:
-        """Drop the store's reference to the values of ``slots``, which the step about to run
-        writes anew without reading them: the old values are freed before the step computes the
-        new ones (else a full step holds the whole cache twice at its peak). In place, the
-        buffers are kept (their addresses must stay); the slots must be written before they are
-        read again."""
+        """Drop the store's reference to the values of ``slots``: after their last read, or
+        before a step that writes them anew without reading them, so that the old values are
+        freed before the step computes the new ones (else a full step holds the whole cache twice
+        at its peak). In place, the buffers are kept (their addresses must stay); the slots must
+        be written before they are read again."""
         if self.in_place:
             return
         for slot in slots:
@@ -68,19 +75,33 @@ class CacheStore:
         items = [(s, v.clone() if _storage(v) in avoid else v) for s, v in items]
         for slot, value in items:
             self.write(call, slot, value)
+        self._peak = max(self._peak, self.nbytes)
 
     def new_generation(self) -> None:
-        """Forget what was written (values of the last generation must never be read) but keep
-        the buffers, so their addresses stay stable across generations."""
+        """Forget what was written (values of the last generation must never be read): by
+        reference the values are dropped; in place the buffers are kept, so their addresses
+        stay stable across generations."""
         self._written.clear()
+        if not self.in_place:
+            self._buffers.clear()
+        if self._peak:
+            self._last_peak, self._peak = self._peak, 0
 
     def clear(self) -> None:
         self._buffers.clear()
         self._written.clear()
+        self._peak = self._last_peak = 0
 
     @property
     def nbytes(self) -> int:
+        """Bytes held now."""
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    @property
+    def peak_nbytes(self) -> int:
+        """The most bytes held at once in the running generation, or between generations in the
+        last one that wrote anything."""
+        return self._peak or self._last_peak
 
     def __len__(self) -> int:
         return len(self._buffers)

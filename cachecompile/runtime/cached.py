@@ -252,8 +252,10 @@ class CachedTransformer(HoldsModel):
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes held by the cache store now (after a generation: the steady-state size)."""
-        return self._store.nbytes
+        """The most bytes the cache store held at once in the running generation (between
+        generations: in the last one). The store keeps a value only until its last read, and
+        holds nothing between generations (see :mod:`cachecompile.runtime.cache_store`)."""
+        return self._store.peak_nbytes
 
     # ------------------------------------------------------------------ building
     def prepare(self, *args: Any, num_steps: int | None = None, **kwargs: Any) -> "CachedTransformer":
@@ -340,9 +342,9 @@ class CachedTransformer(HoldsModel):
 
         A schedule without a step count binds to ``num_steps``; one built for another number of
         steps raises :class:`~cachecompile.StepMismatchError` (before any step runs). The next
-        call is step 0; the cache buffers are kept. ``cc.optimize(pipe, schedule)`` makes the
-        pipeline call it at the start of every denoising loop; a hand-written loop may call it
-        too::
+        call is step 0; the cache starts empty (CUDA-graph buffers are kept).
+        ``cc.optimize(pipe, schedule)`` makes the pipeline call it at the start of every
+        denoising loop; a hand-written loop may call it too::
 
             cached.begin_generation(len(scheduler.timesteps))
         """
@@ -403,6 +405,7 @@ class CachedTransformer(HoldsModel):
         outs = program.runners[idx](*tensors, *cache_in, *step_in)
         n = program.call.num_outputs
         self._store.write_all(call, zip(io.cache_outputs, outs[n:]), caller=(*tensors, *outs[:n]))
+        self._store.release(call, program.dead_after(step))  # what no later step reads
         self._decisions.record(step, call, io.cache_outputs, outs[n:], copy=program.reuses_outputs)
         self._steps_run = step + 1
         if self._clock.advance(pos, t, self._context):

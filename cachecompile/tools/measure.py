@@ -84,13 +84,18 @@ def _malloc_trim() -> None:
 class PeakMemory:
     """Peak memory over a block, in MiB above what was in use when it began.
 
-    CUDA: ``max_memory_allocated``. Linux: peak RSS after ``malloc_trim``, reset through
-    ``/proc/self/clear_refs``. Elsewhere: the growth of the process's lifetime peak RSS
-    (``ru_maxrss``), a lower bound. Trimming costs page faults: use it on an untimed run.
+    CUDA: ``max_memory_allocated``. CPU: the same measure, from the allocation and free events
+    torch's profiler records for torch's CPU allocator (``profile_memory=True``): the most bytes
+    of tensors allocated in the block alive at once. (An ONNX Runtime session's own arena is not
+    torch's, and is not counted.) Where the profiler cannot say, Linux: peak RSS after
+    ``malloc_trim``, reset through ``/proc/self/clear_refs`` (the C allocator's free lists and the
+    kernel's lazy counters move it by tens of MiB); elsewhere the growth of the process's lifetime
+    peak RSS (``ru_maxrss``), a lower bound. Both CPU measures slow the run: use it on an untimed run.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.mb, self.method = device, None, ""
+        self._profile: Any = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -98,6 +103,17 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             self.method = "cuda max_memory_allocated"
             return self
+        if self.device.type == "cpu":
+            try:
+                from torch.profiler import ProfilerActivity, profile
+
+                self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                with _quiet_stderr():  # the profiler's library logs its start and stop there
+                    self._profile.__enter__()
+                self.method = "torch CPU allocator: most bytes allocated in the run alive at once (profiler events)"
+                return self
+            except Exception:  # noqa: BLE001 - a profiler that cannot start: measure RSS
+                self._profile = None
         try:
             _malloc_trim()
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -111,12 +127,60 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
+        if self._profile is not None:
+            with _quiet_stderr():
+                self._profile.__exit__(*exc)
+            if exc[0] is None:
+                self.mb = _allocated_peak(self._profile, self.device) / 2**20
+        elif self.device.type == "cuda":
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
         elif self.method.startswith("peak RSS"):
             self.mb = ((_proc_status_kb("VmHWM") or 0) - self._base) / 1024
         else:
             self.mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._base) / 1024
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Any:
+    """The process's standard error (file descriptor 2, where C++ libraries log) sent to
+    /dev/null for the block."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _allocated_peak(prof: Any, device: torch.device) -> int:
+    """The most bytes alive at once among those allocated during ``prof`` (its allocation events
+    are signed: positive allocations, negative frees; frees of blocks allocated before it count
+    for nothing)."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == device.type:
+            alloc = node.typed[1]
+            events.append((node.start_time_ns, alloc.ptr, alloc.alloc_size))
+    live: dict[int, int] = {}
+    now = peak = 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            now += size
+            peak = max(peak, now)
+        elif ptr in live:  # a free of a block allocated in the run
+            now -= live.pop(ptr)
+    return peak
 
 
 def dynamo_snapshot() -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import cachecompile as cc
+from cachecompile.tools.bench.parallel import collective_bytes, generation_bytes
 from tests.families import test_flux, test_wan
 from tests.families._common import max_diff, mlp_rows, sample
 
@@ -118,21 +119,6 @@ def _collective_regions(cached) -> dict[str, list[str]]:
             for n in gm.graph.nodes if n.op == "call_function" and "c10d" in str(n.target)}
 
 
-def _payload_bytes(gm: torch.fx.GraphModule) -> int:
-    """Bytes this rank hands to the collectives of one call of ``gm`` (waits send nothing)."""
-    total = 0
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and "c10d" in str(n.target) and "wait" not in str(n.target):
-            val = n.args[0].meta["val"]
-            total += val.numel() * val.element_size()
-    return total
-
-
-def _per_generation_bytes(cached) -> int:
-    program = cached.program
-    return sum(_payload_bytes(program.graphs[g]) for g in program.graph_of_step)
-
-
 def _rank(rank: int, store: str, out_dir: str) -> None:
     """One rank: enable context parallelism, then per case: uncached, and cached over two generations."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
@@ -170,7 +156,7 @@ def _rank(rank: int, store: str, out_dir: str) -> None:
             partial = [gm for plan, gm in cached.step_graphs.items() if any(a.kind == "partial" for _, a in plan.actions)]
             results[name] = dict(
                 outputs=outs, decisions=cached.decisions, uncached=sample(model, x0, kwargs, steps), graphs=graphs,
-                bytes_cached=_per_generation_bytes(cached), bytes_uncached=steps * _payload_bytes(
+                bytes_cached=generation_bytes(cached), bytes_uncached=steps * collective_bytes(
                     next(gm for plan, gm in cached.step_graphs.items() if plan.is_full)),
                 mlp_rows=sorted(mlp_rows(partial[0], ".ff.")) if partial else None, regions=_collective_regions(cached), batched=[leaf.batched for leaf in cached.program.call.tensor_leaves],
                 seconds=time.perf_counter() - started,
@@ -244,8 +230,8 @@ def test_reused_attention_skips_its_collectives_on_every_rank(ranks, case):
 
 
 def test_communication_per_generation(ranks):
-    """Bytes each rank hands to collectives per generation, from the step graphs, against the
-    count from the models' shapes: Ulysses sends q, k, v and the output of every parallel
+    """Bytes each rank hands to collectives per generation, as the bench counts them from the step
+    graphs (``cachecompile.tools.bench.parallel``), against the count from the models' shapes: Ulysses sends q, k, v and the output of every parallel
     attention through an all-to-all (this rank's tokens × all heads, float32), and the output
     head gathers this rank's tokens. A reused attention's all-to-alls are communication saved."""
     def all_to_alls(attentions, tokens, heads_x_dim):

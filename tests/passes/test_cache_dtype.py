@@ -4,11 +4,13 @@ eager reference that rounds the cached branch outputs through the same dtype."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
 import cachecompile as cc
+from cachecompile.runtime.cache_store import CacheStore
 from cachecompile.sampling import ddim_sample
 from tests.conftest import CountingModel, NULL_CLASS, StepCounter, make_dit
 
@@ -120,14 +122,18 @@ def test_all_compute_schedule_is_unaffected(model):
 def test_only_features_change_dtype(model):
     """Token scores and staleness (ToCa) and a dynamic schedule's probe and counters keep their
     dtype; the cached branch outputs and the dynamic residual are stored low."""
-    toca = cc.optimize(model, cc.Schedule.toca(STEPS, 2, 0.5, score="v_norm+0.25*staleness", cache_dtype=torch.bfloat16))
-    ddim_sample(toca, LABELS, **SAMPLE)
-    db = cc.optimize(model, cc.Schedule.dbcache(0.1, warmup_steps=1, num_steps=STEPS, cache_dtype=torch.bfloat16))
-    ddim_sample(db, LABELS, **SAMPLE)
     stored = {}
+
+    def record(store, call, items, caller=()):  # every value the store is given, as it is given
+        items = list(items)
+        stored.update((slot, value.dtype) for slot, value in items)
+        return CacheStore.write_all(store, call, items, caller)
+
+    toca = cc.optimize(model, cc.Schedule.toca(STEPS, 2, 0.5, score="v_norm+0.25*staleness", cache_dtype=torch.bfloat16))
+    db = cc.optimize(model, cc.Schedule.dbcache(0.1, warmup_steps=1, num_steps=STEPS, cache_dtype=torch.bfloat16))
     for cached in (toca, db):
-        for (call, slot), t in cached._store._buffers.items():
-            stored[slot] = t.dtype
+        cached._store.write_all = functools.partial(record, cached._store)
+        ddim_sample(cached, LABELS, **SAMPLE)
     assert stored["blocks.0.mlp"] == stored["blocks.1.attn"] == stored["dynamic.residual"] == torch.bfloat16
     assert stored["blocks.0.attn@v_norm"] == stored["blocks.0.mlp@staleness"] == stored["dynamic.probe"] == torch.float32
     assert stored["dynamic.state"] == torch.float32 and stored["dynamic.decision"] == torch.bool

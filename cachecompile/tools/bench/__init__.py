@@ -46,6 +46,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-compile-cache", action="store_true", help="let Inductor reuse its on-disk caches (compile times are then warm)")
     p.add_argument("--static-batch", action="store_true",
                    help="also run each compiled schedule with step graphs of a fixed batch (what the dynamic batch costs)")
+    p.add_argument("--context-parallel", type=int, default=None, metavar="N",
+                   help="instead: cached step graphs under diffusers' context parallelism (Ulysses N) in N processes, "
+                        "bytes each rank sends per generation, cached vs uncached (--model wan or flux; "
+                        "cachecompile.tools.bench.parallel)")
     p.add_argument("--out", default="bench-out", help="directory for bench.json, bench.md and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -64,6 +68,8 @@ def bench_main(args: argparse.Namespace) -> int:
         from cachecompile.tools.quality_report import quality_main
 
         return quality_main(args)
+    if args.context_parallel is not None:
+        return _parallel_main(args)
     args.schedule = args.schedule or ["fora:3", "duca:3:0.3"]
 
     model = args.model or default_model_name()
@@ -86,4 +92,19 @@ def bench_main(args: argparse.Namespace) -> int:
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     (out / "bench.md").write_text(report + "\n")
     print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _parallel_main(args: argparse.Namespace) -> int:
+    from cachecompile.tools.bench.parallel import parallel_report, run_parallel_bench
+
+    result = run_parallel_bench(args.model or "wan", args.schedule or ["fora:3", "duca:3:0.3"], world=args.context_parallel,
+                                steps=args.steps, repeats=args.repeats, device=args.device)
+    report = parallel_report(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(report)
+    (out / "parallel.json").write_text(json.dumps(result, indent=1))
+    (out / "parallel.md").write_text(report + "\n")
+    print(f"\nwrote {out / 'parallel.json'}, {out / 'parallel.md'}", file=sys.stderr)
     return 0

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 import cachecompile as cc
@@ -225,6 +226,9 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
             with PeakMemory(run.device) as mem:  # its own run: trimming the heap costs time
                 run.sample(built.fn)
             row.peak_memory_mb, row.info["memory"] = mem.mb, mem.method
+            if cfg.backend == "onnxruntime" and "allocator" in mem.method:
+                # its session allocates activations and outputs in its own arena: torch sees none of it
+                row.peak_memory_mb, row.info["memory"] = None, "not measured: ONNX Runtime allocates outside torch's allocator"
             if built.info is not None:  # what the last run did (decisions): a run of the bench's inputs, not quality's
                 row.info.update(built.info())
             if run.quality_samples and run.bm.trained:
@@ -315,6 +319,12 @@ def _finish(run: _Run, row: Row, kinds: list[str] | None) -> None:
             # the timed runs are interleaved: round i of both rows ran within one round robin
             per_round = [b / r / row.flops_ratio for b, r in zip(same.runs, row.runs)]
             row.info["efficiency_per_round"] = [min(per_round), max(per_round)]
+            row.info["efficiency_rounds"] = per_round
+            if len(per_round) >= 3:  # the median round and its 95 % bootstrap interval
+                from cachecompile.tools.stats import bootstrap_interval
+
+                row.info["efficiency_median_round"] = statistics.median(per_round)
+                row.info["efficiency_interval"] = list(bootstrap_interval(np.asarray(per_round), np.median))
     kinds = kinds or row.step_kinds or row.info.get("decisions") or None
     if kinds is None:
         full = max(base.step_flops) if base is not None and base.step_flops else max(row.step_flops)
