@@ -223,7 +223,7 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
             row.first_run_seconds, out = run.timed(built.fn)
             for _ in range(run.warmup - 1):
                 run.sample(built.fn)
-            with PeakMemory(run.device) as mem:  # its own run: trimming the heap costs time
+            with PeakMemory(run.device) as mem:  # its own run: the memory measure slows it down
                 run.sample(built.fn)
             row.peak_memory_mb, row.info["memory"] = mem.mb, mem.method
             if cfg.backend == "onnxruntime" and "allocator" in mem.method:
