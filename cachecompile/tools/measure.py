@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -95,13 +97,16 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.mb, self.method = device, None, ""
+        # True when only torch's allocator is counted (CUDA, the profiler), so that memory a
+        # library allocates on its own (an ONNX Runtime session's arena) is not seen
+        self.torch_allocations_only = False
         self._profile: Any = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda max_memory_allocated"
+            self.method, self.torch_allocations_only = "cuda max_memory_allocated", True
             return self
         if self.device.type == "cpu":
             try:
@@ -111,6 +116,7 @@ class PeakMemory:
                 with _quiet_stderr():  # the profiler's library logs its start and stop there
                     self._profile.__enter__()
                 self.method = "torch CPU allocator: most bytes allocated in the run alive at once (profiler events)"
+                self.torch_allocations_only = True
                 return self
             except Exception:  # noqa: BLE001 - a profiler that cannot start: measure RSS
                 self._profile = None
@@ -144,9 +150,6 @@ class PeakMemory:
 def _quiet_stderr() -> Any:
     """The process's standard error (file descriptor 2, where C++ libraries log) sent to
     /dev/null for the block."""
-    import os
-    import sys
-
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:

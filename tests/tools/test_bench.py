@@ -282,7 +282,7 @@ def test_peak_memory_counts_what_a_run_allocates_and_keeps_alive_at_once():
         del a, before  # 4 MiB
         c = torch.empty(3 * 1024 * 1024)  # 12 MiB more: 16 MiB alive, the peak
         del c, b
-    assert mem.mb == 16.0 and "allocator" in mem.method
+    assert mem.mb == 16.0 and "allocator" in mem.method and mem.torch_allocations_only
 
 
 def test_a_cached_run_allocates_its_cache_within_the_memory_bound(result):

@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 
+from cachecompile.passes.effects import is_collective, is_wait
+
 __all__ = ["PARALLEL_MODELS", "collective_bytes", "generation_bytes", "run_parallel_bench", "parallel_report"]
 
 
@@ -40,7 +42,7 @@ def collective_bytes(gm: torch.fx.GraphModule) -> int:
     first argument); a wait sends nothing."""
     total = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or "c10d" not in str(node.target) or "wait" in str(node.target):
+        if not is_collective(node) or is_wait(node):
             continue
         sent = node.args[0] if node.args else None
         val = sent.meta.get("val") if isinstance(sent, torch.fx.Node) else None

@@ -226,7 +226,7 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
             with PeakMemory(run.device) as mem:  # its own run: the memory measure slows it down
                 run.sample(built.fn)
             row.peak_memory_mb, row.info["memory"] = mem.mb, mem.method
-            if cfg.backend == "onnxruntime" and "allocator" in mem.method:
+            if cfg.backend == "onnxruntime" and mem.torch_allocations_only:
                 # its session allocates activations and outputs in its own arena: torch sees none of it
                 row.peak_memory_mb, row.info["memory"] = None, "not measured: ONNX Runtime allocates outside torch's allocator"
             if built.info is not None:  # what the last run did (decisions): a run of the bench's inputs, not quality's
