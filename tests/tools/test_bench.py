@@ -182,9 +182,24 @@ def test_missing_peer_library_gives_an_unsupported_row_with_the_fix(monkeypatch)
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
 def test_static_batch_rows_measure_what_the_dynamic_batch_costs():
     out = run_bench(MODEL, ["fora:2"], ["eager", "onnxruntime"], steps=2, repeats=1, handwritten=False,
-                    quality_samples=0, progress=False, static_batch=True)
+                    quality_samples=0, progress=False, static_batch=True, efficiency_rounds=2)
     dynamic, static = _row(out, "cachecompile", backend="onnxruntime"), _row(out, "cachecompile-static-batch", backend="onnxruntime")
     assert dynamic["status"] == static["status"] == "ok"
+    # the efficiency rounds time the compiled rows only, interleaved, and pair each with its uncached row
+    uncached = _row(out, "uncached", "none", backend="onnxruntime")
+    assert len(uncached["runs"]) == len(dynamic["runs"]) == len(static["runs"]) == 3
+    assert all(len(r["runs"]) == 1 for r in out["rows"] if r["backend"] == "eager" and r["status"] == "ok")
+    assert dynamic["info"]["efficiency_rounds"] == pytest.approx(
+        [b / r / dynamic["flops_ratio"] for b, r in zip(uncached["runs"], dynamic["runs"])])
+    assert len(dynamic["step_runs"]) == 1  # no instrumented runs in those rounds
+    assert "(3 for the compiled rows: --efficiency-rounds 2)" in markdown_report(out)
+    # compiled rows carry the memory traffic caching adds and the efficiency bound it sets
+    traffic = dynamic["info"]["traffic"]
+    assert traffic["cache_write_bytes"] == traffic["cache_read_bytes"] == dynamic["info"]["cache_bytes"]["allocated"]
+    ideal = uncached["seconds"] / dynamic["flops_ratio"]
+    assert traffic["bound"] == pytest.approx(ideal / (ideal + traffic["added_seconds"]))
+    assert "traffic" not in _row(out, "cachecompile")["info"]  # eager rows: not counted
+    assert "Memory traffic a generation adds" in markdown_report(out)
     assert static["flops_ratio"] == dynamic["flops_ratio"] and static["step_graphs"] == dynamic["step_graphs"]
     assert not any(r["impl"] == "cachecompile-static-batch" and r["backend"] == "eager" for r in out["rows"])
     [target] = [t for t in check_targets(out) if t["target"].startswith("with the dynamic batch")]
@@ -202,6 +217,7 @@ def test_static_batch_rows_measure_what_the_dynamic_batch_costs():
         (dict(schedules=["fora:2"], backends=["nope"]), "unknown backend 'nope'"),
         (dict(schedules=["what:3"], backends=["eager"]), "unknown schedule 'what:3'"),
         (dict(schedules=["fora:2"], backends=["eager"], peers=["nope"]), "unknown peer 'nope'"),
+        (dict(schedules=["fora:2"], backends=["eager"], efficiency_rounds=-1), "--efficiency-rounds must be >= 0"),
     ],
 )
 def test_bad_input_fails_before_running_with_what_to_use(kwargs, message):

@@ -31,6 +31,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=2, help="images per run (the CFG batch is twice this)")
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the median is reported)")
+    p.add_argument("--efficiency-rounds", type=int, default=0, metavar="N",
+                   help="N more timed rounds of the compiled rows only, after the --repeats rounds and without "
+                        "per-step runs: resolves the per-round efficiency at a fraction of the time")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--peers", nargs="*", default=None, metavar="PEER",
                    help="run peers too: all installed when given without names; names: cache-dit, cache-dit-mask, "
@@ -79,6 +82,7 @@ def bench_main(args: argparse.Namespace) -> int:
         repeats=args.repeats, warmup=args.warmup, peers=peers, handwritten=not args.no_handwritten,
         quality_samples=args.quality_samples, device=args.device, progress=not args.no_progress,
         cold_compile=not args.warm_compile_cache, static_batch=args.static_batch,
+        efficiency_rounds=args.efficiency_rounds,
     )
     report = markdown_report(result)
     out = Path(args.out)

@@ -94,13 +94,14 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             info = r.get("info") or {}
             t = f"efficiency ≥ {CLOSE_EFFICIENCY_TARGET}, the median of interleaved rounds (compiled){where}"
             if "efficiency_interval" not in info:
-                add(t, name, None, "fewer than 3 interleaved rounds with the uncached row", "run with --repeats 11 or more")
+                add(t, name, None, "fewer than 3 interleaved rounds with the uncached row", "run with --efficiency-rounds 60 or so")
             else:
                 med, (lo, hi) = info["efficiency_median_round"], info["efficiency_interval"]
                 rounds = len(info["efficiency_rounds"])
+                bound = f"; memory-traffic bound {info['traffic']['bound']:.3f}" if "traffic" in info else ""
                 add(t, name, med >= CLOSE_EFFICIENCY_TARGET,
-                    f"{med:.3f} [{lo:.3f}, {hi:.3f}] over {rounds} rounds",
-                    "" if hi - lo <= 0.02 + 1e-9 else "the interval is wider than ±0.01: more rounds (--repeats) or a quieter machine")
+                    f"{med:.3f} [{lo:.3f}, {hi:.3f}] over {rounds} rounds{bound}",
+                    "" if hi - lo <= 0.02 + 1e-9 else "the interval is wider than ±0.01: more rounds (--efficiency-rounds) or a quieter machine")
         base = uncached.get(r["backend"])
         if ok(r):
             add_memory(r, base, name)
@@ -219,6 +220,14 @@ def _loaded_note(result: dict[str, Any]) -> str:
     )
 
 
+def _runs_text(result: dict[str, Any]) -> str:
+    """How many timed runs the medians are of."""
+    extra = result.get("efficiency_rounds") or 0
+    if not extra:
+        return f"{result['repeats']} runs"
+    return f"{result['repeats']} runs ({result['repeats'] + extra} for the compiled rows: --efficiency-rounds {extra})"
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The main table, the per-step table, the targets, and what did not run."""
     la = result.get("load_average") or {}
@@ -227,7 +236,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         load = f", load average {la['start'][0]:.1f} → {la['end'][0]:.1f}"
     lines = [
         f"model `{result['model']}`, {result['steps']} DDIM steps, CFG batch {result['cfg_batch']}, "
-        f"median of {result['repeats']} runs after {result['warmup']} warm-up, torch {result['torch']}, "
+        f"median of {_runs_text(result)} after {result['warmup']} warm-up, torch {result['torch']}, "
         f"{result['device']}, {result['machine']}{load}",
         "",
         "speedup: against the uncached model in eager mode; vs same backend: against the uncached model "
@@ -278,6 +287,22 @@ def markdown_report(result: dict[str, Any]) -> str:
             d = decisions_of(r)
             lines.append(f"| {r['impl']} | {r['schedule']} | {r['backend']} | `{_compact(d)}` | "
                          f"{'—' if d is None else d.count('cached')} |")
+    traffic = [r for r in result["rows"] if r["status"] == "ok" and "traffic" in (r.get("info") or {})]
+    if traffic:
+        bw = traffic[0]["info"]["traffic"]["bandwidth"]
+        lines += ["", f"Memory traffic a generation adds to the uncached one (cache writes and reads; weights a step "
+                      f"reads beyond its share of the FLOPs) and the efficiency it leaves reachable at the measured read "
+                      f"bandwidth, {bw / 1e9:.1f} GB/s: bound = T / (T + added bytes / bandwidth), T = the uncached "
+                      f"run ÷ the FLOPs ratio (every other cost only lowers it):", "",
+                  "| implementation | schedule | backend | cache writes (MB) | cache reads (MB) | weights (MB) "
+                  "| added (ms) | bound | efficiency |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in traffic:
+            t = r["info"]["traffic"]
+            lines.append(
+                f"| {r['impl']} | {r['schedule']} | {r['backend']} | {t['cache_write_bytes'] / 1e6:.1f} "
+                f"| {t['cache_read_bytes'] / 1e6:.1f} | {t['weight_bytes_beyond_flops'] / 1e6:.1f} "
+                f"| {1e3 * t['added_seconds']:.1f} | {t['bound']:.3f} | {_f(r['efficiency'], '.3f')} |"
+            )
     lines += ["", "Targets:", ""]
     for t in result.get("targets", []):
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]

@@ -17,6 +17,10 @@ FLOPs limit and against the peers.
 * the FLOPs ratio (uncached ÷ this configuration) from ``torch.utils.flop_counter``, counted per
   step on the eager equivalent (compiled code hides its ops), and **efficiency = speedup ÷ FLOPs
   ratio**, where the speedup is taken against the uncached model on the same backend;
+* for the compiled rows, more timed rounds without instrumented runs with ``--efficiency-rounds``
+  (the per-round efficiency, its median and 95 % interval), and the memory traffic caching adds
+  (cache writes and reads, the weights a step reads beyond its FLOPs share: one recorded run)
+  with the efficiency bound it sets at the measured read bandwidth (:mod:`cachecompile.tools.traffic`);
 * peak memory of a sampling run (its own untimed run), the cache size, graph breaks and recompiles (from
   ``torch._dynamo``), the difference from the uncached samples, and the quality harness's numbers
   when the model is the trained digits model.
@@ -54,6 +58,7 @@ from cachecompile.tools.measure import (
 )
 from cachecompile.tools.bench.report import check_targets
 from cachecompile.tools.specs import parse_schedule
+from cachecompile.tools.traffic import read_bandwidth, record_traffic, traffic_bound
 from cachecompile.tools.zoo import BenchModel, load_bench_model
 
 __all__ = ["Built", "Config", "Row", "run_bench"]
@@ -71,6 +76,7 @@ class Built:
     info: Callable[[], dict] | None = None
     notes: list[str] = field(default_factory=list)
     step_kinds: list[str] | None = None  # a peer's own step labels, where its rule is fixed
+    traffic: Callable[[Callable[[Any], Any]], list[dict]] | None = None  # cache/weight bytes per call of a generation
 
 
 STATIC_BATCH = "cachecompile-static-batch"  # the implementation name of --static-batch rows
@@ -162,6 +168,8 @@ class _Run:
     flops_memo: dict[str, list[int]] = field(default_factory=dict)
     baselines: dict[str, Row] = field(default_factory=dict)
     compile_cache_root: str | None = None  # set: every configuration compiles with empty Inductor caches
+    efficiency_rounds: int = 0  # extra timed rounds of the compiled rows only (no instrumented runs)
+    bandwidth: float | None = None  # read bandwidth (bytes/s), measured after the timed runs when a row needs it
 
     def sample_kwargs(self) -> dict[str, Any]:
         """ddim_sample's settings of this run (all but labels, seed and progress)."""
@@ -231,6 +239,11 @@ def _prepare(run: _Run, cfg: Config) -> tuple[Row, Built | None, torch.Tensor | 
                 row.peak_memory_mb, row.info["memory"] = None, "not measured: ONNX Runtime allocates outside torch's allocator"
             if built.info is not None:  # what the last run did (decisions): a run of the bench's inputs, not quality's
                 row.info.update(built.info())
+            if built.traffic is not None and cfg.backend != "eager":  # the bytes behind the efficiency bound
+                try:
+                    row.info["traffic_calls"] = built.traffic(run.sample)
+                except Exception as e:  # noqa: BLE001 - an analysis, not the row's run
+                    row.notes.append(f"memory traffic not counted: {first_line(e)}")
             if run.quality_samples and run.bm.trained:
                 from cachecompile.tools import quality as Q
 
@@ -265,29 +278,44 @@ def _time_interleaved(run: _Run, prepared: list[tuple[Row, Built]], progress: bo
     (other jobs, thermal limits) every configuration sees the same drift, so the ratios between
     rows stay fair. Each timed run is followed by an instrumented run of the same configuration
     (a timer around each call), so the per-step figures come from the same rounds, under the same
-    load, as the totals. Fills ``runs``, ``seconds``, ``compile_seconds`` and the per-step fields."""
-    order = [(r, b) for _ in range(run.repeats) for r, b in prepared]
-    bar = _progress(order, progress, "timed runs")
-    for row, built in bar:
-        if row.status != "ok":
-            continue
-        snap = dynamo_snapshot()
-        try:
-            with torch.no_grad():
-                row.runs.append(run.timed(built.fn)[0])
-                seconds, calls = run.per_step(built.fn)
-        except Exception as e:  # noqa: BLE001
-            row.status, row.reason = "failed", f"in a timed run: {first_line(e)}"
-            continue
-        row.instrumented_runs.append(seconds)
-        row.step_runs.append(calls)
-        add_dynamo_delta(row, snap)
+    load, as the totals. Then ``run.efficiency_rounds`` more rounds over the compiled rows only
+    (cached and uncached alike, so that every round still pairs each cached row with its uncached
+    row) and without instrumented runs: the per-round efficiency needs many rounds to be resolved
+    to ±0.01, which the eager rows and the per-step runs would make several times longer; their
+    runs join the rows' timed runs (the eager rows keep ``repeats``). Fills ``runs``,
+    ``seconds``, ``compile_seconds`` and the per-step fields."""
+    _rounds(run, prepared, run.repeats, progress, "timed runs", instrumented=True)
+    compiled = [(r, b) for r, b in prepared if r.backend != "eager"]
+    _rounds(run, compiled, run.efficiency_rounds, progress, "efficiency rounds", instrumented=False)
     for row, _ in prepared:
         if row.status == "ok":
             row.seconds = statistics.median(row.runs)
             row.info["min_seconds"] = min(row.runs)
             row.compile_seconds = row.prepare_seconds + max(0.0, row.first_run_seconds - row.seconds)
             _per_step_summary(row)
+
+
+def _rounds(
+    run: _Run, rows: list[tuple[Row, Built]], rounds: int, progress: bool, desc: str, *, instrumented: bool,
+) -> None:
+    """``rounds`` timed runs of each row that is ok, round-robin; with ``instrumented``, each
+    followed by an instrumented run of the same row."""
+    order = [(r, b) for _ in range(rounds) for r, b in rows]
+    for row, built in _progress(order, progress and bool(order), desc):
+        if row.status != "ok":
+            continue
+        snap = dynamo_snapshot()
+        try:
+            with torch.no_grad():
+                row.runs.append(run.timed(built.fn)[0])
+                if instrumented:
+                    seconds, calls = run.per_step(built.fn)
+                    row.instrumented_runs.append(seconds)
+                    row.step_runs.append(calls)
+        except Exception as e:  # noqa: BLE001
+            row.status, row.reason = "failed", f"in a timed run: {first_line(e)}"
+            continue
+        add_dynamo_delta(row, snap)
 
 
 def _per_step_summary(row: Row) -> None:
@@ -325,6 +353,12 @@ def _finish(run: _Run, row: Row, kinds: list[str] | None) -> None:
 
                 row.info["efficiency_median_round"] = statistics.median(per_round)
                 row.info["efficiency_interval"] = list(bootstrap_interval(np.asarray(per_round), np.median))
+    calls = row.info.pop("traffic_calls", None)
+    if calls is not None and same is not None and same.status == "ok" and same.seconds and row.flops_ratio:
+        if run.bandwidth is None:
+            run.bandwidth = read_bandwidth(run.device)
+        full = max(same.step_flops)
+        row.info["traffic"] = traffic_bound(calls, row.step_flops, full, same.seconds, row.flops_ratio, run.bandwidth)
     kinds = kinds or row.step_kinds or row.info.get("decisions") or None
     if kinds is None:
         full = max(base.step_flops) if base is not None and base.step_flops else max(row.step_flops)
@@ -420,7 +454,8 @@ def _cc_builder(
         cached.prepare(**example)  # capture, rewrite, lower (compile) before the first run
         info = (lambda: {"decisions": cached.decisions}) if dynamic else None  # read once, after a run
         return Built(cached, len(cached.step_graphs), lambda: cached.cache_bytes, predicted_cache_bytes=predicted,
-                     untimed_seconds=predict_seconds, notes=[note] if note else [], info=info)
+                     untimed_seconds=predict_seconds, notes=[note] if note else [], info=info,
+                     traffic=lambda generate: record_traffic(cached, generate))
 
     return build
 
@@ -506,6 +541,7 @@ def run_bench(
     progress: bool = True,
     cold_compile: bool = True,
     static_batch: bool = False,
+    efficiency_rounds: int = 0,
 ) -> dict[str, Any]:
     """Measure every configuration; returns the JSON-able result (see the module docstring).
 
@@ -519,6 +555,8 @@ def run_bench(
     """
     if repeats < 1 or warmup < 1 or steps < 1 or batch < 1:
         raise SystemExit("--repeats, --warmup, --steps and --batch must be >= 1")
+    if efficiency_rounds < 0:
+        raise SystemExit("--efficiency-rounds must be >= 0")
     parsed = []
     for spec in schedules:
         if spec == "none":
@@ -554,6 +592,7 @@ def run_bench(
     run = _Run(bm, steps, batch, guidance_scale, repeats, warmup, progress, quality_samples, dev)
     run.labels = torch.arange(batch) % bm.num_classes
     run.compile_cache_root = cache_root
+    run.efficiency_rounds = efficiency_rounds
     parsed = [(spec, _calibrated(run, schedule)) for spec, schedule in parsed]
     # The exact arguments of ddim_sample's first call (shapes, dtypes and strides: its timestep
     # is an expanded, stride-0 tensor), for preparing (capturing, compiling) before the first run.
@@ -594,6 +633,7 @@ def run_bench(
         "cfg_batch": 2 * batch,
         "guidance_scale": guidance_scale,
         "repeats": repeats,
+        "efficiency_rounds": efficiency_rounds,
         "warmup": warmup,
         "quality_samples": quality_samples,
         "schedules": [s for s, _ in parsed],
