@@ -52,6 +52,7 @@ def weight_bytes(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> int:
     per attribute, what the ops that compute read of it through views (a slice of the adaLN
     weight is read, not the whole weight; an embedding lookup reads the rows it gathers), at
     most the whole tensor. Runs ``gm`` once (``ShapeProp``) and leaves its nodes as they were."""
+    kept = {n: n.meta["tensor_meta"] for n in gm.graph.nodes if "tensor_meta" in n.meta}
     ShapeProp(gm).propagate(*example_inputs)
     try:
         total = 0
@@ -77,6 +78,8 @@ def weight_bytes(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> int:
     finally:
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)
+        for node, meta in kept.items():
+            node.meta["tensor_meta"] = meta
 
 
 def record_traffic(cached: Any, generate: Callable[[Any], Any]) -> list[dict[str, int]]:

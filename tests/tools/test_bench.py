@@ -179,13 +179,18 @@ def test_missing_peer_library_gives_an_unsupported_row_with_the_fix(monkeypatch)
     assert "cache-dit dynamic eager: unsupported" in markdown_report(out)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
-def test_static_batch_rows_measure_what_the_dynamic_batch_costs():
-    out = run_bench(MODEL, ["fora:2"], ["eager", "onnxruntime"], steps=2, repeats=1, handwritten=False,
-                    quality_samples=0, progress=False, static_batch=True, efficiency_rounds=2)
+@pytest.fixture(scope="module")
+def compiled_result() -> dict:
+    """A run with compiled rows (ONNX Runtime: no Inductor compile), their static-batch twins and
+    two efficiency rounds."""
+    pytest.importorskip("onnxruntime")
+    return run_bench(MODEL, ["fora:2"], ["eager", "onnxruntime"], steps=2, repeats=1, handwritten=False,
+                     quality_samples=0, progress=False, static_batch=True, efficiency_rounds=2)
+
+
+def test_efficiency_rounds_time_the_compiled_rows_alone_and_pair_them(compiled_result):
+    out = compiled_result
     dynamic, static = _row(out, "cachecompile", backend="onnxruntime"), _row(out, "cachecompile-static-batch", backend="onnxruntime")
-    assert dynamic["status"] == static["status"] == "ok"
-    # the efficiency rounds time the compiled rows only, interleaved, and pair each with its uncached row
     uncached = _row(out, "uncached", "none", backend="onnxruntime")
     assert len(uncached["runs"]) == len(dynamic["runs"]) == len(static["runs"]) == 3
     assert all(len(r["runs"]) == 1 for r in out["rows"] if r["backend"] == "eager" and r["status"] == "ok")
@@ -193,13 +198,24 @@ def test_static_batch_rows_measure_what_the_dynamic_batch_costs():
         [b / r / dynamic["flops_ratio"] for b, r in zip(uncached["runs"], dynamic["runs"])])
     assert len(dynamic["step_runs"]) == 1  # no instrumented runs in those rounds
     assert "(3 for the compiled rows: --efficiency-rounds 2)" in markdown_report(out)
-    # compiled rows carry the memory traffic caching adds and the efficiency bound it sets
+
+
+def test_compiled_rows_carry_the_traffic_caching_adds_and_its_bound(compiled_result):
+    out = compiled_result
+    dynamic, uncached = _row(out, "cachecompile", backend="onnxruntime"), _row(out, "uncached", "none", backend="onnxruntime")
     traffic = dynamic["info"]["traffic"]
+    # fora:2 over 2 steps: the full step writes the cache, the cached step reads it back
     assert traffic["cache_write_bytes"] == traffic["cache_read_bytes"] == dynamic["info"]["cache_bytes"]["allocated"]
     ideal = uncached["seconds"] / dynamic["flops_ratio"]
     assert traffic["bound"] == pytest.approx(ideal / (ideal + traffic["added_seconds"]))
     assert "traffic" not in _row(out, "cachecompile")["info"]  # eager rows: not counted
     assert "Memory traffic a generation adds" in markdown_report(out)
+
+
+def test_static_batch_rows_measure_what_the_dynamic_batch_costs(compiled_result):
+    out = compiled_result
+    dynamic, static = _row(out, "cachecompile", backend="onnxruntime"), _row(out, "cachecompile-static-batch", backend="onnxruntime")
+    assert dynamic["status"] == static["status"] == "ok"
     assert static["flops_ratio"] == dynamic["flops_ratio"] and static["step_graphs"] == dynamic["step_graphs"]
     assert not any(r["impl"] == "cachecompile-static-batch" and r["backend"] == "eager" for r in out["rows"])
     [target] = [t for t in check_targets(out) if t["target"].startswith("with the dynamic batch")]

@@ -73,9 +73,12 @@ def test_weight_bytes_count_the_slices_and_rows_a_step_reads(fora):
 
 def test_counting_again_gives_the_same_bytes_and_leaves_the_graphs_as_they_were(fora):
     _, cached, calls = fora
+    placeholder = next(iter(cached.program.graphs[0].graph.nodes))
+    placeholder.meta["tensor_meta"] = "kept"  # a value the graph had before: it stays
     before = [{n.name: set(n.meta) for n in gm.graph.nodes} for gm in cached.program.graphs]
     assert record_traffic(cached, _generate) == calls
     assert [{n.name: set(n.meta) for n in gm.graph.nodes} for gm in cached.program.graphs] == before
+    assert placeholder.meta.pop("tensor_meta") == "kept"
 
 
 def test_bound_is_the_ideal_time_over_ideal_plus_traffic():

@@ -355,10 +355,13 @@ def _finish(run: _Run, row: Row, kinds: list[str] | None) -> None:
                 row.info["efficiency_interval"] = list(bootstrap_interval(np.asarray(per_round), np.median))
     calls = row.info.pop("traffic_calls", None)
     if calls is not None and same is not None and same.status == "ok" and same.seconds and row.flops_ratio:
-        if run.bandwidth is None:
-            run.bandwidth = read_bandwidth(run.device)
-        full = max(same.step_flops)
-        row.info["traffic"] = traffic_bound(calls, row.step_flops, full, same.seconds, row.flops_ratio, run.bandwidth)
+        if len(calls) != len(row.step_flops):  # more than one call per step: FLOPs are counted per step
+            row.notes.append(f"memory traffic not bounded: {len(calls)} calls for {len(row.step_flops)} steps")
+        else:
+            if run.bandwidth is None:
+                run.bandwidth = read_bandwidth(run.device)
+            full = max(same.step_flops)
+            row.info["traffic"] = traffic_bound(calls, row.step_flops, full, same.seconds, row.flops_ratio, run.bandwidth)
     kinds = kinds or row.step_kinds or row.info.get("decisions") or None
     if kinds is None:
         full = max(base.step_flops) if base is not None and base.step_flops else max(row.step_flops)
