@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from cachecompile.tools.measure import sync
+
 __all__ = ["weight_bytes", "record_traffic", "read_bandwidth", "traffic_bound"]
 
 # ops whose output aliases their input: reading one reads (part of) the attribute it views
@@ -44,7 +46,7 @@ def _nbytes(node: torch.fx.Node) -> int:
     meta = node.meta.get("tensor_meta")
     if not isinstance(meta, TensorMetadata):
         return 0
-    return meta.shape.numel() * torch.empty((), dtype=meta.dtype).element_size()
+    return meta.shape.numel() * meta.dtype.itemsize
 
 
 def weight_bytes(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> int:
@@ -119,14 +121,13 @@ def read_bandwidth(device: torch.device | str = "cpu", mib: int = 1024, repeats:
     buffer far larger than the CPU caches (on CUDA, timed with a synchronize either side)."""
     device = torch.device(device)
     x = torch.ones(mib * 2**20 // 4, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x.sum()
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         x.sum()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return x.nbytes / statistics.median(times)
 
